@@ -90,6 +90,7 @@ class ModelConfig:
 
 @dataclass
 class QueueConfig:
+    enabled: bool = True  # false: in-batch negatives only (the CLIP objective)
     size: int = 4096  # rows per modality
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -185,7 +186,7 @@ class Config:
         _non_negative("eval.every", self.eval.every)
         _positive("eval.max_samples", self.eval.max_samples)
         global_batch = self.data.batch_size * world_size
-        if not self.model.in_batch_negatives and self.queue.size < global_batch:
+        if self.queue.enabled and not self.model.in_batch_negatives and self.queue.size < global_batch:
             raise ConfigError(
                 f"queue.size: with model.in_batch_negatives off the queue is the only source of "
                 f"negatives and must hold at least one global batch ({global_batch} = "
@@ -223,10 +224,13 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def validate_queue(q: QueueConfig, m: ModelConfig | None = None) -> None:
-    if q.size < 0:
-        raise ConfigError(f"queue.size: must be >= 0 (0 disables the queues), got {q.size}")
-    if m is not None and q.size == 0 and not m.in_batch_negatives:
-        raise ConfigError("queue.size: 0 with model.in_batch_negatives off leaves no negatives")
+    if q.size < 1:
+        raise ConfigError(
+            f"queue.size: illegal queue size {q.size}, must be >= 1 "
+            "(set queue.enabled: false to train without queues)"
+        )
+    if m is not None and not q.enabled and not m.in_batch_negatives:
+        raise ConfigError("queue.enabled: false with model.in_batch_negatives off leaves no negatives")
 
 
 def _positive(key: str, v: float) -> None:

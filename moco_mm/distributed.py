@@ -1,0 +1,146 @@
+"""Everything that touches `torch.distributed`, in one place.
+
+This is the only module that reads the launcher's environment (torchrun's `RANK`,
+`WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, ...; SLURM's `SLURM_PROCID`, ... when a job is
+started by `srun` without torchrun). Every helper works without a process group: a plain
+`python -m moco_mm.train` is world size 1 and the collectives become identities, so the
+model and trainer never branch on "am I distributed".
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def launcher_world_size() -> int:
+    """World size the launcher asked for (1 when started without one)."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Join the process group described by the environment; no-op for a single process.
+
+    NCCL when the chosen device is CUDA, gloo otherwise. `timeout_s` bounds every
+    collective wait so that a dead peer ends the run with an error rather than a hang.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = launcher_world_size()
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("run.device: 'cuda' was asked for but CUDA is not available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if use_cuda else None,
+        )
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` [B, ...] from every rank along dim 0 -> [world*B, ...], rank order.
+
+    No gradient flows through it (keys never need one). Every rank must pass the same
+    shape: the loader guarantees equal batch sizes.
+    """
+    if not is_dist():
+        return x
+    out = torch.empty((world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor (returns a new tensor; identity for one process)."""
+    if not is_dist():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / world_size()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from `src` to every rank (used for small control data only)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (small control data only)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()

@@ -1,0 +1,212 @@
+"""Image and text towers: a timm or Hugging Face backbone, pooling, projection, L2 norm.
+
+    ImageTower(image [B,3,H,W])                     -> [B, embed_dim], unit rows
+    TextTower(input_ids [B,L], attention_mask [B,L]) -> [B, embed_dim], unit rows
+
+Nothing here downloads unless the config asks for pretrained hub weights: image towers
+are built by timm name with random init, a local weights file, or the hub; text towers
+from a Hugging Face model type (`bert`), a local directory, or a hub name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco_mm.config import ConfigError, ImageTowerConfig, ModelConfig, TextTowerConfig
+
+
+class Projection(nn.Module):
+    """Linear or 2-layer MLP head from a tower's width to the shared embedding dim."""
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", hidden_dim: int = 0):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Linear(in_dim, out_dim)
+        elif kind == "mlp":
+            hidden = hidden_dim or in_dim
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        else:
+            raise ConfigError(f"model.head: {kind!r} is not allowed; choose one of linear, mlp")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """True when batch statistics couple the samples of a batch (needs Shuffle-BN)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _freeze_all_but_last(groups: list[list[nn.Parameter]], n: int) -> None:
+    """Freeze every parameter group but the last `n` (n = -1: train everything)."""
+    if n < 0:
+        return
+    for group in groups[: max(len(groups) - n, 0)]:
+        for p in group:
+            p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------
+# Image
+# ---------------------------------------------------------------------------------------
+
+
+class ImageTower(nn.Module):
+    def __init__(self, cfg: ImageTowerConfig, embed_dim: int, head: str = "linear", head_hidden_dim: int = 0):
+        super().__init__()
+        self.backbone = build_timm_backbone(cfg)
+        self.head = Projection(self.backbone.num_features, embed_dim, head, head_hidden_dim)
+        # Preprocessing the tower expects; the data pipeline and the export read these.
+        pcfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
+        self.mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
+        self.image_size = cfg.image_size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(image)), dim=-1)
+
+
+def build_timm_backbone(cfg: ImageTowerConfig) -> nn.Module:
+    """timm model with its classifier removed (`num_classes=0`): pooled features out."""
+    if not timm.is_model(cfg.name):
+        raise ConfigError(f"model.image.name: unknown timm model {cfg.name!r} (see timm.list_models())")
+    kwargs = dict(cfg.kwargs)
+    # Models with a fixed input size (ViT position embeddings) must be told the size.
+    if "img_size" not in kwargs and _takes_img_size(cfg.name):
+        kwargs["img_size"] = cfg.image_size
+    pretrained = cfg.pretrained
+    create_kwargs = dict(num_classes=0, **kwargs)
+    if isinstance(pretrained, str):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise ConfigError(f"model.image.pretrained: weights file {pretrained!r} does not exist")
+        create_kwargs["pretrained"] = True
+        create_kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+    else:
+        create_kwargs["pretrained"] = bool(pretrained)
+    try:
+        model = timm.create_model(cfg.name, **create_kwargs)
+    except (TypeError, AssertionError, ValueError) as e:
+        # A width override the model does not take, or widths that do not fit together
+        # (a ViT embed_dim that num_heads does not divide).
+        raise ConfigError(f"model.image.kwargs: {cfg.name} rejected {kwargs}: {e!r}") from e
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.trainable_blocks >= 0:
+        from timm.models import group_parameters
+
+        named = dict(model.named_parameters())
+        groups = group_parameters(model, model.group_matcher(coarse=False))
+        # timm orders groups stem -> blocks -> final norm (merged into the last block).
+        _freeze_all_but_last([[named[n] for n in names] for names in groups.values()], cfg.trainable_blocks)
+    return model
+
+
+def _takes_img_size(name: str) -> bool:
+    return any(name.startswith(p) for p in ("vit", "deit", "eva", "beit", "swin", "convit", "cait", "xcit"))
+
+
+# ---------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: TextTowerConfig, embed_dim: int, head: str = "linear", head_hidden_dim: int = 0,
+                 vocab_size: int | None = None):
+        super().__init__()
+        self.backbone = build_hf_backbone(cfg, vocab_size)
+        self.pooling = cfg.pooling
+        self.head = Projection(self.backbone.config.hidden_size, embed_dim, head, head_hidden_dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # The mask always goes in: attending to padding changes the embedding with length.
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # mean over real tokens only
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return F.normalize(self.head(pooled), dim=-1)
+
+
+def _is_local(name: str) -> bool:
+    return os.path.isdir(name)
+
+
+def build_hf_backbone(cfg: TextTowerConfig, vocab_size: int | None = None) -> nn.Module:
+    """A Hugging Face encoder without its pooler (we pool ourselves; an unused pooler
+    would leave parameters without gradients, which DDP rejects)."""
+    from transformers import AutoConfig, AutoModel, CONFIG_MAPPING
+
+    overrides = dict(cfg.overrides)
+    if vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    if cfg.pretrained:
+        if overrides.keys() - {"vocab_size"}:
+            raise ConfigError("model.text.overrides: width overrides need pretrained: false")
+        model = AutoModel.from_pretrained(cfg.name, add_pooling_layer=False)
+    else:
+        if cfg.name in CONFIG_MAPPING:  # a model type such as "bert": built locally
+            hf_config = AutoConfig.for_model(cfg.name)
+        elif _is_local(cfg.name):
+            hf_config = AutoConfig.from_pretrained(cfg.name)
+        else:
+            try:
+                hf_config = AutoConfig.from_pretrained(cfg.name)
+            except OSError as e:
+                raise ConfigError(
+                    f"model.text.name: {cfg.name!r} is neither a Hugging Face model type, a local "
+                    f"directory, nor a reachable hub name: {e}"
+                ) from e
+        for key, value in overrides.items():
+            if not hasattr(hf_config, key):
+                raise ConfigError(f"model.text.overrides.{key}: not a field of {type(hf_config).__name__}")
+            setattr(hf_config, key, value)
+        if hf_config.hidden_size % hf_config.num_attention_heads:
+            raise ConfigError(
+                f"model.text.overrides: hidden_size {hf_config.hidden_size} is not a multiple of "
+                f"num_attention_heads {hf_config.num_attention_heads}"
+            )
+        model = AutoModel.from_config(hf_config, add_pooling_layer=False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.trainable_blocks >= 0:
+        layers = _hf_layers(model)
+        groups = [list(getattr(model, "embeddings", nn.Module()).parameters())]
+        groups += [list(layer.parameters()) for layer in layers]
+        _freeze_all_but_last(groups, cfg.trainable_blocks)
+    return model
+
+
+def _hf_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer's block list: the ModuleList as long as num_hidden_layers."""
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(f"model.text.trainable_blocks: cannot find the {n} blocks of {type(model).__name__}")
+
+
+def load_tokenizer(cfg: TextTowerConfig):
+    """The text tower's tokenizer (a local directory in tests and the demo)."""
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.name
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.text.tokenizer: cannot load tokenizer {name!r}: {e}") from e
+
+
+def build_towers(cfg: ModelConfig, vocab_size: int | None = None) -> tuple[ImageTower, TextTower]:
+    return (
+        ImageTower(cfg.image, cfg.embed_dim, cfg.head, cfg.head_hidden_dim),
+        TextTower(cfg.text, cfg.embed_dim, cfg.head, cfg.head_hidden_dim, vocab_size),
+    )

@@ -1,0 +1,264 @@
+"""The dual-queue momentum contrastive model (WenLan/BriVL design, MoCo mechanics).
+
+One training step, per rank (B local pairs, W ranks, D = embed_dim):
+
+    q_img, q_txt, T = query(image, text)                    # [B,D] x2, grad
+    momentum_update(m)           # key <- m*key + (1-m)*query; once per optimizer step
+    k_img, k_txt   = key(image, text)                       # [B,D] x2, no grad
+    K              = all_gather(cat[k_img, k_txt, id])      # [W*B, 2D+2], ONE collective
+    loss_i2t = L(q_img, k_txt, [K_txt ; text_queue],  T)    # image query vs text keys
+    loss_t2i = L(q_txt, k_img, [K_img ; image_queue], T)    # text query vs image keys
+    ... backward, optimizer step (the trainer) ...
+    enqueue(K)                   # same gathered rows on every rank -> identical queues
+
+Module layout, chosen for DDP: `query` (both query towers and the temperature) is the
+only trained module and the only thing the trainer wraps in DDP; `key` towers and the
+two queues sit beside it, so DDP never broadcasts them (with `broadcast_buffers`, DDP
+would otherwise resend every queue row and key weight each step). Every rank computes
+identical key updates from identical query weights, so they stay equal without sync.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from moco_mm import distributed as D
+from moco_mm.config import ModelConfig, QueueConfig, validate_model, validate_queue
+from moco_mm.encoders import ImageTower, TextTower, build_towers, has_batchnorm
+from moco_mm.losses import LOSSES
+from moco_mm.queue import FeatureQueue
+
+
+def momentum_at(step: int, total_steps: int, m0: float, schedule: str = "constant") -> float:
+    """Momentum for `step` of `total_steps`: constant m0, or cosine from m0 (step 0) to 1.0."""
+    if schedule == "constant":
+        return m0
+    if schedule == "cosine":
+        progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+        return 1.0 - (1.0 - m0) * (math.cos(math.pi * progress) + 1.0) / 2.0
+    raise ValueError(f"model.momentum_schedule: {schedule!r} is not allowed; choose one of constant, cosine")
+
+
+class QueryTowers(nn.Module):
+    """What the optimizer trains: both query towers and the (log) temperature.
+
+    The temperature lives here so that, under DDP, its gradient is averaged across ranks
+    like every other trained parameter.
+    """
+
+    def __init__(self, image: ImageTower, text: TextTower, cfg: ModelConfig):
+        super().__init__()
+        self.image = image
+        self.text = text
+        log_t = torch.tensor(math.log(cfg.temperature))
+        if cfg.learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+        self.log_t_min = math.log(cfg.temperature_min)
+        self.log_t_max = math.log(cfg.temperature_max)
+
+    def temperature(self) -> torch.Tensor:
+        """0-d tensor, within [temperature_min, temperature_max] also between clamps."""
+        return self.log_temperature.clamp(self.log_t_min, self.log_t_max).exp()
+
+    def forward(self, image, input_ids, attention_mask):
+        """-> q_img [B,D], q_txt [B,D] (unit rows), temperature (0-d)."""
+        return self.image(image), self.text(input_ids, attention_mask), self.temperature()
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        """Keep the stored value in range (run after every optimizer step)."""
+        self.log_temperature.clamp_(self.log_t_min, self.log_t_max)
+
+
+class KeyTowers(nn.Module):
+    """Momentum copies of the query towers. Never trained; updated by `momentum_update`."""
+
+    def __init__(self, image: ImageTower, text: TextTower):
+        super().__init__()
+        self.image = image
+        self.text = text
+        self.requires_grad_(False)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                # Key BatchNorm normalises with (shuffled) batch statistics and does not
+                # update its running stats: those are copied from the query tower at every
+                # momentum update, so ranks never drift apart through them.
+                m.track_running_stats = False
+
+
+@dataclass
+class StepOutput:
+    """What one forward returns to the trainer.
+
+    `keys_*` are the gathered keys of the global batch [W*B, D] (float32) and `key_ids`
+    [W*B]: the trainer passes them to `enqueue` after backward.
+    """
+
+    loss: torch.Tensor
+    loss_i2t: torch.Tensor
+    loss_t2i: torch.Tensor
+    temperature: torch.Tensor
+    keys_img: torch.Tensor
+    keys_txt: torch.Tensor
+    key_ids: torch.Tensor
+    pos_sim: torch.Tensor
+    neg_sim: torch.Tensor
+
+
+class DualQueueMoCo(nn.Module):
+    """Image-query/text-key and text-query/image-key momentum contrast with two queues."""
+
+    def __init__(self, cfg: ModelConfig, queue_cfg: QueueConfig, vocab_size: int | None = None):
+        super().__init__()
+        validate_model(cfg)
+        validate_queue(queue_cfg, cfg)
+        self.cfg = cfg
+        image, text = build_towers(cfg, vocab_size)
+        self.query = QueryTowers(image, text, cfg)
+        # Key towers start as exact copies of the query towers.
+        self.key = KeyTowers(copy.deepcopy(image), copy.deepcopy(text))
+        # A disabled queue is an empty one: the loss then sees in-batch negatives only.
+        size = queue_cfg.size if queue_cfg.enabled else 0
+        self.image_queue = FeatureQueue(size, cfg.embed_dim, queue_cfg.dtype)
+        self.text_queue = FeatureQueue(size, cfg.embed_dim, queue_cfg.dtype)
+        loss = LOSSES[cfg.loss]
+        self.loss_fn = partial(loss, margin=cfg.margin) if cfg.loss != "infonce" else loss
+        # BatchNorm key towers could cheat through batch statistics: shuffle their batch
+        # across ranks (MoCo's Shuffle-BN). LayerNorm towers (ViT, BERT) need none.
+        self.shuffle_image = has_batchnorm(image)
+        self.shuffle_text = has_batchnorm(text)
+        self._ema_cache = None
+
+    # --- momentum update -------------------------------------------------------------
+
+    def _apply(self, fn, *args, **kwargs):
+        self._ema_cache = None  # .to()/.cuda() replace buffers: rebuild the tensor lists
+        return super()._apply(fn, *args, **kwargs)
+
+    def _ema_lists(self):
+        if self._ema_cache is None:
+            q_params = dict(self.query.named_parameters())
+            k_params = dict(self.key.named_parameters())
+            # Only trained parameters move; frozen ones are equal from the start and an
+            # EMA of two equal values could still drift by rounding.
+            names = [n for n in k_params if q_params[n].requires_grad]
+            q_bufs = dict(self.query.named_buffers())
+            k_bufs = dict(self.key.named_buffers())
+            self._ema_cache = (
+                [k_params[n] for n in names], [q_params[n] for n in names],
+                list(k_bufs.values()), [q_bufs[n] for n in k_bufs],
+            )
+        return self._ema_cache
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """key <- m*key + (1-m)*query over all trained parameters, as fused multi-tensor ops.
+
+        Buffers (BatchNorm running statistics) are copied, not averaged: the key tower
+        runs in train mode and normalises with batch statistics, so its running stats only
+        matter at export, where the query tower's are the better estimate.
+        """
+        k_params, q_params, k_bufs, q_bufs = self._ema_lists()
+        if k_params:
+            torch._foreach_mul_(k_params, m)
+            torch._foreach_add_(k_params, q_params, alpha=1.0 - m)
+        if k_bufs:
+            torch._foreach_copy_(k_bufs, q_bufs)
+
+    # --- keys --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _shuffled(self, tower, tensors: tuple[torch.Tensor, ...], all_ids: torch.Tensor) -> torch.Tensor:
+        """Run `tower` on a batch shuffled across ranks (Shuffle-BN); -> global keys [W*B, D].
+
+        Every per-sample tensor is shuffled with the same permutation (BriVL shuffled the
+        images but not their masks). The permutation is seeded by the gathered ids, so it
+        is the same on every rank and the same again after a resume.
+        """
+        world, rank, b = D.world_size(), D.rank(), tensors[0].shape[0]
+        gathered = [D.all_gather_cat(t) for t in tensors]
+        gen = torch.Generator().manual_seed(int(all_ids.sum().item()) & 0x7FFFFFFF)
+        perm = torch.randperm(world * b, generator=gen).to(all_ids.device)
+        mine = perm[rank * b:(rank + 1) * b]
+        out_shuffled = D.all_gather_cat(tower(*(g[mine] for g in gathered)).float())
+        out = torch.empty_like(out_shuffled)
+        out[perm] = out_shuffled
+        return out
+
+    @torch.no_grad()
+    def compute_keys(self, image, input_ids, attention_mask, sample_id):
+        """-> local (k_img, k_txt) [B,D] and gathered (K_img, K_txt) [W*B,D], ids [W*B]."""
+        shuffle = D.world_size() > 1 and (self.shuffle_image or self.shuffle_text)
+        if not shuffle:
+            k_img = self.key.image(image).float()
+            k_txt = self.key.text(input_ids, attention_mask).float()
+            # ONE collective for both modalities and the ids: the int64 ids ride along
+            # bit-for-bit as two float32 columns.
+            ids_f = sample_id.to(torch.int64).contiguous().view(torch.float32).view(-1, 2)
+            packed = D.all_gather_cat(torch.cat([k_img, k_txt, ids_f], dim=1))
+            d = k_img.shape[1]
+            all_img, all_txt = packed[:, :d], packed[:, d:2 * d]
+            all_ids = packed[:, 2 * d:].contiguous().view(torch.int64).view(-1)
+            return k_img, k_txt, all_img, all_txt, all_ids
+        all_ids = D.all_gather_cat(sample_id.to(torch.int64))
+        if self.shuffle_image:
+            all_img = self._shuffled(self.key.image, (image,), all_ids)
+        else:
+            all_img = D.all_gather_cat(self.key.image(image).float())
+        if self.shuffle_text:
+            all_txt = self._shuffled(self.key.text, (input_ids, attention_mask), all_ids)
+        else:
+            all_txt = D.all_gather_cat(self.key.text(input_ids, attention_mask).float())
+        b, r = image.shape[0], D.rank()
+        return all_img[r * b:(r + 1) * b], all_txt[r * b:(r + 1) * b], all_img, all_txt, all_ids
+
+    # --- the step ----------------------------------------------------------------------
+
+    def forward(self, image, input_ids, attention_mask, sample_id, query: nn.Module | None = None) -> StepOutput:
+        """Losses for one (micro-)batch. `query` is the DDP-wrapped `self.query` when
+        distributed; the queues are NOT changed here (call `enqueue` after backward)."""
+        query = self.query if query is None else query
+        q_img, q_txt, temperature = query(image, input_ids, attention_mask)
+        k_img, k_txt, all_img, all_txt, all_ids = self.compute_keys(image, input_ids, attention_mask, sample_id)
+        neg_txt, neg_txt_ids = self._negatives(self.text_queue, all_txt, all_ids)
+        neg_img, neg_img_ids = self._negatives(self.image_queue, all_img, all_ids)
+        ids = sample_id.to(torch.int64)
+        loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, ids, neg_txt_ids)
+        loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, ids, neg_img_ids)
+        with torch.no_grad():
+            pos_sim = 0.5 * ((q_img.float() * k_txt).sum(1).mean() + (q_txt.float() * k_img).sum(1).mean())
+            # Mean similarity to the negatives is linear in them: q . mean(n).
+            neg_sim = 0.5 * (_mean_sim(q_img, neg_txt) + _mean_sim(q_txt, neg_img))
+        return StepOutput(
+            loss=loss_i2t + loss_t2i, loss_i2t=loss_i2t, loss_t2i=loss_t2i,
+            temperature=temperature.detach(), keys_img=all_img, keys_txt=all_txt, key_ids=all_ids,
+            pos_sim=pos_sim, neg_sim=neg_sim,
+        )
+
+    def _negatives(self, queue: FeatureQueue, batch_keys: torch.Tensor, batch_ids: torch.Tensor):
+        """[gathered batch keys ; written queue rows] (float32) and their ids."""
+        parts, ids = [queue.features.float()], [queue.ids]
+        if self.cfg.in_batch_negatives:
+            parts.insert(0, batch_keys)
+            ids.insert(0, batch_ids)
+        return torch.cat(parts), torch.cat(ids)
+
+    @torch.no_grad()
+    def enqueue(self, out: StepOutput) -> None:
+        """Push the gathered keys: image keys -> image queue, text keys -> text queue."""
+        self.image_queue.enqueue(out.keys_img, out.key_ids)
+        self.text_queue.enqueue(out.keys_txt, out.key_ids)
+
+
+def _mean_sim(q: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    if negatives.shape[0] == 0:
+        return torch.zeros((), device=q.device)
+    return (q.detach().float() @ negatives.mean(0)).mean()

@@ -1,0 +1,60 @@
+"""Run a few dual-queue steps under torchrun (gloo); dump what the test compares.
+
+Writes OUT/rank{r}_final.safetensors (the whole model state), and from rank 0:
+OUT/step{s}_before.safetensors (model state before step s), OUT/losses.json
+(per-step loss averaged over ranks).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from moco_mm import distributed as D
+from moco_mm.config import QueueConfig
+from moco_mm.model import DualQueueMoCo
+from tests.tiny import tiny_batch, tiny_bn_model_config, tiny_model_config
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", required=True)
+p.add_argument("--steps", type=int, default=4)
+p.add_argument("--batch", type=int, default=3)  # per rank
+p.add_argument("--queue", type=int, default=10)  # not a multiple of the global batch
+p.add_argument("--bn", action="store_true")
+args = p.parse_args()
+out_dir = Path(args.out)
+
+info = D.init_distributed("cpu")
+torch.manual_seed(0)  # identical initial weights on every rank
+cfg = tiny_bn_model_config() if args.bn else tiny_model_config()
+model = DualQueueMoCo(cfg, QueueConfig(size=args.queue))
+query = DDP(model.query) if info.world_size > 1 else model.query
+opt = torch.optim.SGD([p for p in model.query.parameters() if p.requires_grad], lr=0.5)
+
+
+def state():
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+losses = []
+for step in range(args.steps):
+    gb = tiny_batch(args.batch * info.world_size, seed=step, first_id=step * 1000)
+    local = {k: v[info.rank * args.batch:(info.rank + 1) * args.batch] for k, v in gb.items()}
+    if info.is_main:
+        save_file(state(), out_dir / f"step{step}_before.safetensors")
+    model.momentum_update(0.9)
+    out = model(**local, query=query)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model.query.clamp_temperature()
+    model.enqueue(out)
+    losses.append(D.all_reduce_mean(out.loss.detach()).item())
+
+save_file(state(), out_dir / f"rank{info.rank}_final.safetensors")
+if info.is_main:
+    (out_dir / "losses.json").write_text(json.dumps(losses))
+D.shutdown()

