@@ -1,0 +1,447 @@
+"""The training program: `python -m moco_mm.train --config configs/NAME.yaml [a.b=value ...]`.
+
+The same line runs a single process or, under `torchrun`, many processes on one or many
+nodes. `Trainer` owns everything stateful (model, optimizer, data position, counters) and
+the checkpoint manager saves and restores exactly that, so a run killed at any step and
+started again with the same command finishes bit-identical to one that never stopped.
+
+Gradient accumulation (`optim.accum_steps = A`): one optimizer step consumes A loader
+batches (micro-batches). The key towers are updated once, before the first micro-batch,
+so all A micro-batches see the same key towers. Each micro-batch's gathered keys are
+enqueued right after its backward, so later micro-batches of the same step already have
+the earlier ones' keys among their queue negatives (the queue advances per micro-batch,
+as with a smaller batch). The temperature's gradient, like every other, is the mean of
+the A micro-batch gradients; the temperature is clamped once, after the optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from moco_mm import distributed as D
+from moco_mm.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
+from moco_mm.config import Config, ConfigError, dump_config, load_config, to_dict
+from moco_mm.data import LoaderState, ShardSource, build_transforms, iter_eval_batches, make_loader, steps_per_epoch
+from moco_mm.encoders import load_tokenizer
+from moco_mm.metrics import format_table, retrieval_metrics
+from moco_mm.model import DualQueueMoCo, momentum_at
+from moco_mm.run_log import MetricsLog, ProgressBar, WandbLogger
+
+log = logging.getLogger("moco_mm.train")
+
+# Config sections whose change makes a checkpoint's tensors or data position meaningless.
+_SHAPE_KEYS = ("model", "queue")
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to optim.lr over warmup_steps, then cosine to lr * min_lr_ratio."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(cfg.run.steps - o.warmup_steps, 1)
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(query: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW over trainable query parameters; no weight decay on biases, norms, embeddings
+    of position/class tokens and the temperature (ALBEF decays its temperature: a bug)."""
+    decay, no_decay = [], []
+    for name, p in query.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token", "log_temperature"))
+        (no_decay if skip else decay).append(p)
+    o = cfg.optim
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    )
+
+
+@dataclass
+class Counters:
+    """Run totals that survive a resume."""
+
+    skipped_samples: int = 0  # corrupt samples the loader skipped (all ranks)
+    bad_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    consecutive_bad: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StepStats:
+    """Sums over the micro-batches of one optimizer step."""
+
+    loss: float = 0.0
+    loss_i2t: float = 0.0
+    loss_t2i: float = 0.0
+    pos_sim: float = 0.0
+    neg_sim: float = 0.0
+    data_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: D.DistInfo):
+        self.cfg = cfg
+        self.info = info
+        self.device = info.device
+        self.run_dir = Path(cfg.run.output_dir)
+        # Identical seed on every rank: identical initial weights without a broadcast.
+        torch.manual_seed(cfg.run.seed)
+        self.tokenizer = load_tokenizer(cfg.model.text)
+        self.model = DualQueueMoCo(cfg.model, cfg.queue, vocab_size=len(self.tokenizer)).to(self.device)
+        # Only the query towers (and temperature) are trained, so only they go into DDP:
+        # the key towers and queues are never broadcast (see model.py).
+        self.query = (DDP(self.model.query, device_ids=[info.local_rank] if self.device.type == "cuda" else None)
+                      if info.world_size > 1 else self.model.query)
+        self.query_fn = torch.compile(self.query) if cfg.run.compile else self.query
+        self.optimizer = build_optimizer(self.model.query, cfg)
+        self.autocast_dtype = self._autocast_dtype()
+
+        self.source = ShardSource.from_spec(cfg.data.train)
+        self.batches_per_epoch = steps_per_epoch(
+            self.source, batch_size=cfg.data.batch_size, world_size=info.world_size, workers=cfg.data.workers)
+        if self.batches_per_epoch < 1:
+            raise ConfigError(
+                f"data.batch_size: {cfg.data.batch_size} per rank x {info.world_size} ranks leaves no full "
+                f"batch in an epoch of {cfg.data.train}")
+        mean, std, size = self.model.query.image.mean, self.model.query.image.std, cfg.model.image.image_size
+        self.train_transform = build_transforms(size, mean, std, train=True,
+                                                crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
+        self.eval_transform = build_transforms(size, mean, std, train=False)
+
+        self.step = 0  # optimizer steps done
+        self.loader_state = LoaderState.start(0, cfg.data.workers)
+        self.counters = Counters()
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.last_eval: dict[str, float] = {}
+
+    def _autocast_dtype(self):
+        p = self.cfg.run.precision
+        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # --- state -------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every model tensor under stable names: query.*, key.*, image_queue.*, text_queue.*."""
+        return self.model.state_dict()
+
+    def train_state(self) -> dict:
+        """Everything but the weights; collective: every rank must call it."""
+        return {
+            "step": self.step,
+            "world_size": self.info.world_size,
+            "loader": D.gather_objects(self.loader_state.to_dict()),
+            "rng": D.gather_objects(capture_rng_state()),
+            "optimizer": self.optimizer.state_dict(),
+            "counters": self.counters.to_dict(),
+            "config": to_dict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> None:
+        state = self.train_state()  # collective
+        if self.info.is_main:
+            path = self.ckpt.save(self.step, self.state_tensors(), state)
+            log.info("saved %s", path)
+        D.barrier()  # nobody runs ahead of a checkpoint that may be needed for resume
+
+    def restore(self) -> None:
+        """Apply checkpoint.resume / checkpoint.init_weights."""
+        c = self.cfg.checkpoint
+        if c.resume not in ("auto", "none"):
+            try:
+                tensors, state = CheckpointManager.load(Path(c.resume))
+            except CheckpointError as e:
+                raise SystemExit(f"checkpoint.resume: {e}") from e
+            self._load_full(Path(c.resume), tensors, state)
+        elif c.resume == "auto":
+            found = self.ckpt.load_latest_valid()
+            if found is not None:
+                self._load_full(*found)
+                return
+        if c.init_weights and self.step == 0:
+            self._load_weights_only(Path(c.init_weights))
+
+    def _load_full(self, path: Path, tensors: dict, state: dict) -> None:
+        self._check_compatible(path, state["config"])
+        self.model.load_state_dict(tensors)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.counters = Counters(**state["counters"])
+        rank = self.info.rank
+        same_layout = (state["world_size"] == self.info.world_size
+                       and state["config"]["data"]["workers"] == self.cfg.data.workers
+                       and state["config"]["data"]["batch_size"] == self.cfg.data.batch_size)
+        loader = LoaderState.from_dict(state["loader"][rank if same_layout else 0])
+        if same_layout:
+            self.loader_state = loader
+            restore_rng_state(state["rng"][rank])
+        else:
+            # The data order is a function of world size, workers and batch size: a new
+            # layout cannot continue the old stream, so continue from the same epoch.
+            log.warning("resuming %s with a different world size / data.workers / data.batch_size: "
+                        "the data stream restarts at epoch %d; resume is no longer exact", path, loader.epoch)
+            self.loader_state = LoaderState.start(loader.epoch, self.cfg.data.workers)
+        if self.info.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_compatible(self, path: Path, saved: dict) -> None:
+        now = to_dict(self.cfg)
+        for section in _SHAPE_KEYS:
+            diff = _first_difference(saved.get(section, {}), now[section], section)
+            if diff:
+                key, old, new = diff
+                raise SystemExit(
+                    f"checkpoint {path} was trained with {key}={old!r}, this config has {new!r}: "
+                    f"cannot resume. Start a new run.output_dir, or load only the weights with "
+                    f"checkpoint.init_weights={path} checkpoint.resume=none")
+
+    def _load_weights_only(self, path: Path) -> None:
+        tensors, _ = CheckpointManager.load(path)
+        own = self.model.state_dict()
+        wanted = {k: v for k, v in tensors.items() if k.startswith(("query.", "key."))}
+        bad = [k for k, v in wanted.items() if k in own and own[k].shape != v.shape]
+        if bad:
+            raise SystemExit(f"checkpoint.init_weights: {path} has other shapes for {bad[:5]}")
+        missing = [k for k in own if k.startswith(("query.", "key.")) and k not in wanted]
+        self.model.load_state_dict({**own, **{k: v for k, v in wanted.items() if k in own}})
+        if self.info.is_main:
+            log.info("loaded weights from %s (%d tensors; %d not in it, kept fresh)", path, len(wanted), len(missing))
+
+    # --- data --------------------------------------------------------------------------
+
+    def _batches(self):
+        """Micro-batches forever, epoch after epoch, keeping `loader_state` current."""
+        d = self.cfg.data
+        while True:
+            st = self.loader_state
+            loader = make_loader(
+                self.source, batch_size=d.batch_size, tokenizer=self.tokenizer,
+                max_length=self.cfg.model.text.max_length, transform=self.train_transform,
+                seed=self.cfg.run.seed, epoch=st.epoch, rank=self.info.rank, world_size=self.info.world_size,
+                workers=d.workers, start_step=st.step, positions=st.positions,
+                shuffle_buffer=d.shuffle_buffer, max_consecutive_bad=d.max_consecutive_bad,
+            )
+            for batch in loader:
+                yield batch
+            self.loader_state = LoaderState.start(st.epoch + 1, d.workers)
+
+    # --- one optimizer step ------------------------------------------------------------
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over `optim.accum_steps` micro-batches from `batches`."""
+        cfg = self.cfg
+        accum = cfg.optim.accum_steps
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        m = momentum_at(self.step, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule)
+        self.model.momentum_update(m)
+        stats = StepStats()
+        finite = True
+        outs = []
+        for i in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            stats.data_s += time.perf_counter() - t0
+            self.loader_state.update(batch)
+            self.counters.skipped_samples += int(D.all_reduce_sum(batch["n_skipped"].to(self.device)))
+            inputs = {k: batch[k].to(self.device, non_blocking=True)
+                      for k in ("image", "input_ids", "attention_mask", "sample_id")}
+            # No gradient all-reduce until the last micro-batch.
+            sync = self.query.no_sync() if (isinstance(self.query, DDP) and i < accum - 1) else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    out = self.model(**inputs, query=self.query_fn)
+                (out.loss / accum).backward()
+            outs.append(out)
+            for name in ("loss", "loss_i2t", "loss_t2i", "pos_sim", "neg_sim"):
+                setattr(stats, name, getattr(stats, name) + getattr(out, name).detach() / accum)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+        # The gradient is all-reduced, so its norm agrees on every rank; the loss is
+        # rank-local, so its finiteness is agreed on with a collective.
+        loss_bad = D.all_reduce_sum((~torch.isfinite(stats.loss)).float().reshape(1))
+        finite = bool(torch.isfinite(grad_norm)) and float(loss_bad) == 0.0
+        if finite:
+            self.optimizer.step()
+            self.model.query.clamp_temperature()
+            for out in outs:
+                self.model.enqueue(out)
+            self.counters.consecutive_bad = 0
+        else:
+            self.counters.bad_steps += 1
+            self.counters.consecutive_bad += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = D.all_reduce_mean(stats.loss.reshape(1)).item()
+        return {
+            "loss": loss,
+            "loss_i2t": D.all_reduce_mean(stats.loss_i2t.reshape(1)).item(),
+            "loss_t2i": D.all_reduce_mean(stats.loss_t2i.reshape(1)).item(),
+            "lr": lr,
+            "momentum": m,
+            "temperature": self.model.query.temperature().item(),
+            "grad_norm": float(grad_norm),
+            "pos_sim": float(stats.pos_sim),
+            "neg_sim": float(stats.neg_sim),
+            "queue_fill": len(self.model.image_queue) / max(self.model.image_queue.size, 1),
+            "data_s": stats.data_s,
+            "finite": finite,
+        }
+
+    # --- eval --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Retrieval on the held-out shards with the query towers (every rank computes the
+        same numbers: no rank idles at a barrier while rank 0 evaluates)."""
+        cfg = self.cfg
+        q = self.model.query
+        q.eval()
+        imgs, txts, owners, img_ids = [], [], [], []
+        try:
+            for batch in iter_eval_batches(
+                    ShardSource.from_spec(cfg.data.val), batch_size=cfg.data.batch_size,
+                    transform=self.eval_transform, tokenizer=self.tokenizer,
+                    max_length=cfg.model.text.max_length, max_samples=cfg.eval.max_samples):
+                with self._autocast():
+                    imgs.append(q.image(batch["image"].to(self.device)).float().cpu())
+                    txts.append(q.text(batch["input_ids"].to(self.device),
+                                       batch["attention_mask"].to(self.device)).float().cpu())
+                img_ids.append(batch["sample_id"])
+                owners.append(batch["caption_sample_id"])
+        finally:
+            q.train()
+        img_ids_t = torch.cat(img_ids)
+        index = {int(s): i for i, s in enumerate(img_ids_t)}
+        txt_to_img = torch.tensor([index[int(s)] for s in torch.cat(owners)])
+        metrics = retrieval_metrics(torch.cat(imgs) @ torch.cat(txts).t(), txt_to_img)
+        self.last_eval = metrics
+        return metrics
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg = self.cfg
+        main = self.info.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.restore()
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=main, resume_step=self.step)
+        wandb = WandbLogger(cfg, enabled=main)
+        bar = ProgressBar(total=cfg.run.steps, initial=self.step, enabled=main and cfg.logging.progress)
+        global_batch = cfg.data.batch_size * self.info.world_size * cfg.optim.accum_steps
+        batches = self._batches()
+        window_t, window_steps, window_data = time.perf_counter(), 0, 0.0
+        stop_reason = None
+        while self.step < cfg.run.steps:
+            m = self.train_step(batches)
+            window_steps += 1
+            window_data += m.pop("data_s")
+            finite = m.pop("finite")
+            if not finite and main:
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                            self.step, self.counters.consecutive_bad)
+            if self.counters.consecutive_bad >= cfg.optim.max_bad_steps:
+                stop_reason = (f"{self.counters.consecutive_bad} consecutive steps with a non-finite loss or "
+                               f"gradient (optim.max_bad_steps={cfg.optim.max_bad_steps}); the last good "
+                               f"state is saved at step {self.step}. Lower optim.lr or check the data.")
+            log_now = self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps or stop_reason
+            if log_now:
+                elapsed = time.perf_counter() - window_t
+                m.update(step=self.step, samples_per_s=global_batch * window_steps / max(elapsed, 1e-9),
+                         data_wait_frac=window_data / max(elapsed, 1e-9),
+                         skipped_samples=self.counters.skipped_samples, bad_steps=self.counters.bad_steps,
+                         epoch=self.loader_state.epoch)
+                if self.device.type == "cuda":
+                    m["cuda_max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.run.steps):
+                    m.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                metrics_log.write(m)
+                wandb.log(m, self.step)
+                bar.update_to(self.step, m)
+                window_t, window_steps, window_data = time.perf_counter(), 0, 0.0
+            elif cfg.eval.every and self.step % cfg.eval.every == 0:
+                m = {f"eval/{k}": v for k, v in self.evaluate().items()}
+                m["step"] = self.step
+                metrics_log.write(m)
+                wandb.log(m, self.step)
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.run.steps or stop_reason:
+                self.save_checkpoint()
+            if stop_reason:
+                break
+        bar.close()
+        wandb.finish()
+        if stop_reason:
+            raise SystemExit(stop_reason)
+        if main:
+            print(f"done: {self.step} steps; checkpoints in {self.ckpt.root}", flush=True)
+            if self.last_eval:
+                print(format_table(self.last_eval), flush=True)
+
+
+def _first_difference(old, new, prefix: str):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            d = _first_difference(old.get(k), new.get(k), f"{prefix}.{k}")
+            if d:
+                return d
+        return None
+    return None if old == new else (prefix, old, new)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m moco_mm.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. run.steps=100")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        # Validated before any process group, model or data loader exists.
+        cfg = load_config(args.config, args.overrides, world_size=D.launcher_world_size())
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    info = D.init_distributed(cfg.run.device, cfg.run.process_group_timeout_s)
+    if not info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # other ranks stay quiet
+    try:
+        Trainer(cfg, info).train()
+    finally:
+        D.shutdown()
+
+
+if __name__ == "__main__":
+    main()
