@@ -1,0 +1,192 @@
+"""The training program end to end: config errors, a 2-process run, exact resume after
+SIGKILL (1 and 2 processes, mid-run, mid-checkpoint, via torchrun's elastic restart), and
+two torchrun invocations with --nnodes=2 training together."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moco_mm.checkpoint import CheckpointManager
+from moco_mm.config import ConfigError, load_config
+from tests.trainrun import (ROOT, build_demo, env, free_port, run, run_and_kill, tiny_train_config, train_cmd,
+                            write_config)
+
+FIELDS = {"step", "loss", "loss_i2t", "loss_t2i", "lr", "temperature", "samples_per_s", "queue_fill",
+          "pos_sim", "neg_sim", "grad_norm", "skipped_samples", "data_wait_frac"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+def final_weights(run_dir: Path, step: int) -> bytes:
+    return (run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors").read_bytes()
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override,key", [
+    ("run.stepz=5", "run.stepz"),
+    ("data.batch_size=many", "data.batch_size"),
+    ("model.loss=hinge", "model.loss"),
+    ("optim.warmup_steps=500", "optim.warmup_steps"),
+    ("queue.size=8", "queue.size"),  # with in_batch_negatives off: smaller than a global batch
+    ("checkpoint.keep=0", "checkpoint.keep"),
+])
+def test_config_errors_name_the_key(demo, tmp_path, override, key):
+    cfg = write_config(tiny_train_config(demo, tmp_path / "run", model={"in_batch_negatives": False}),
+                       tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(cfg, [override])
+
+
+def test_bad_config_stops_the_program_before_any_compute(demo, tmp_path):
+    cfg = write_config(tiny_train_config(demo, tmp_path / "run"), tmp_path / "c.yaml")
+    res = subprocess.run(train_cmd(cfg, extra=("model.embed_dimm=3",)), cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "model.embed_dimm: unknown key" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resolved_config_round_trips(demo, tmp_path):
+    from moco_mm.config import dump_config
+
+    cfg = load_config(write_config(tiny_train_config(demo, tmp_path / "r"), tmp_path / "c.yaml"), ["run.seed=9"])
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+# --- single process: exact resume ------------------------------------------------------
+
+
+def test_single_process_exact_resume_after_sigkill(demo, tmp_path):
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref = write_config(tiny_train_config(demo, ref_dir, run={"log_every": 1}), tmp_path / "ref.yaml")
+    cut = write_config(tiny_train_config(demo, cut_dir, run={"log_every": 1}), tmp_path / "cut.yaml")
+    run(train_cmd(ref))
+    # Kill right after a step between the step-4 checkpoint and the next one.
+    kill_after = random.Random().randint(5, 7)
+    log = cut_dir / "metrics.jsonl"
+
+    def ready():
+        return log.exists() and f'"step": {kill_after},' in log.read_text()
+
+    run_and_kill(train_cmd(cut), ready)
+    assert not (cut_dir / "checkpoints" / "step_00000012").exists()
+    run(train_cmd(cut))  # the same command again
+    assert final_weights(cut_dir, 12) == final_weights(ref_dir, 12)
+    steps = [m["step"] for m in metrics(cut_dir) if "loss" in m]
+    assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after the resume"
+
+
+def test_incompatible_resume_is_refused_and_weights_only_loads(demo, tmp_path):
+    base = tiny_train_config(demo, tmp_path / "a", run={"steps": 4}, checkpoint={"every": 4})
+    run(train_cmd(write_config(base, tmp_path / "a.yaml")))
+    wider = tiny_train_config(demo, tmp_path / "a", run={"steps": 8}, model={"embed_dim": 48})
+    res = subprocess.run(train_cmd(write_config(wider, tmp_path / "b.yaml")), cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "model.embed_dim" in res.stderr and "init_weights" in res.stderr
+    # Same towers, new run directory: weights only, fresh optimizer and queues.
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000004"
+    fresh = tiny_train_config(demo, tmp_path / "c", run={"steps": 4},
+                              checkpoint={"every": 4, "resume": "none", "init_weights": str(ckpt)})
+    run(train_cmd(write_config(fresh, tmp_path / "c.yaml")))
+    tensors, state = CheckpointManager.load(tmp_path / "c" / "checkpoints" / "step_00000004")
+    assert state["step"] == 4
+
+
+# --- two processes ---------------------------------------------------------------------
+
+
+def two_proc_config(demo: Path, run_dir: Path, **extra) -> dict:
+    # A large queue makes each checkpoint big enough to be killed while it is written.
+    return tiny_train_config(demo, run_dir, run={"steps": 24, "log_every": 4},
+                             queue={"size": 250_000}, checkpoint={"every": 4, "keep": 2}, **extra)
+
+
+@pytest.fixture(scope="module")
+def multinode_reference(demo, tmp_path_factory) -> Path:
+    """The reference 2-rank run: two torchrun invocations with --nnodes=2 on 127.0.0.1."""
+    tmp = tmp_path_factory.mktemp("multinode")
+    cfg = write_config(two_proc_config(demo, tmp / "run"), tmp / "c.yaml")
+    port = free_port()
+    node = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=moco_mm_test", "-m", "moco_mm.train", "--config", str(cfg)]
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, *node], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return tmp / "run"
+
+
+def test_two_ranks_train_loss_falls_and_checkpoints_rotate(multinode_reference):
+    rows = [m for m in metrics(multinode_reference) if "loss" in m]
+    assert [m["step"] for m in rows] == [4, 8, 12, 16, 20, 24]
+    assert all(FIELDS <= m.keys() for m in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    ckpts = sorted(p.name for p in (multinode_reference / "checkpoints").iterdir())
+    assert ckpts == ["step_00000020", "step_00000024"]
+    tensors = load_file(multinode_reference / "checkpoints" / "step_00000024" / "model.safetensors")
+    assert {"query.log_temperature", "image_queue.feature_store", "text_queue.id_store"} <= tensors.keys()
+    assert any(k.startswith("key.image.") for k in tensors) and any(k.startswith("query.text.") for k in tensors)
+    state = torch.load(multinode_reference / "checkpoints" / "step_00000024" / "train_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and len(state["loader"]) == 2
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(x) for x in out]
+
+
+def test_two_process_exact_resume_killed_while_writing_a_checkpoint(demo, tmp_path, multinode_reference):
+    cut_dir = tmp_path / "cut"
+    cfg = write_config(two_proc_config(demo, cut_dir), tmp_path / "c.yaml")
+    ckpts = cut_dir / "checkpoints"
+
+    def writing_step_8():
+        return ckpts.exists() and any(p.name.startswith(".tmp-step_00000008") for p in ckpts.iterdir())
+
+    run_and_kill(train_cmd(cfg, nproc=2), writing_step_8)
+    assert not (ckpts / "step_00000008").exists() or (ckpts / "step_00000008" / "COMPLETE").exists()
+    run(train_cmd(cfg, nproc=2))
+    assert final_weights(cut_dir, 24) == final_weights(multinode_reference, 24)
+
+
+def test_elastic_restart_after_a_rank_dies_is_exact(demo, tmp_path, multinode_reference):
+    """torchrun --max-restarts brings the group back; resume=auto continues exactly."""
+    import os
+    import signal
+    import sys
+
+    cut_dir = tmp_path / "elastic"
+    cfg = write_config(two_proc_config(demo, cut_dir), tmp_path / "c.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+           f"--master_port={free_port()}", "-m", "moco_mm.train", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (cut_dir / "checkpoints" / "step_00000008").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)  # one rank dies; the agent restarts the group
+    out = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert final_weights(cut_dir, 24) == final_weights(multinode_reference, 24)
