@@ -5,6 +5,7 @@ two torchrun invocations with --nnodes=2 training together."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import time
@@ -140,7 +141,13 @@ def test_two_ranks_train_loss_falls_and_checkpoints_rotate(multinode_reference):
     rows = [m for m in metrics(multinode_reference) if "loss" in m]
     assert [m["step"] for m in rows] == [4, 8, 12, 16, 20, 24]
     assert all(FIELDS <= m.keys() for m in rows)
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    # The queue fills as training goes, so the raw InfoNCE loss rises with ln(#negatives);
+    # learning shows as the loss falling relative to chance, 2 * ln(1 + negatives).
+    def vs_chance(m):
+        negatives = m["queue_fill"] * 250_000 + 2 * 16 - 1
+        return m["loss"] / (2 * math.log(1 + negatives))
+
+    assert vs_chance(rows[-1]) < vs_chance(rows[0]) - 0.05
     ckpts = sorted(p.name for p in (multinode_reference / "checkpoints").iterdir())
     assert ckpts == ["step_00000020", "step_00000024"]
     tensors = load_file(multinode_reference / "checkpoints" / "step_00000024" / "model.safetensors")
@@ -177,8 +184,12 @@ def test_elastic_restart_after_a_rank_dies_is_exact(demo, tmp_path, multinode_re
 
     cut_dir = tmp_path / "elastic"
     cfg = write_config(two_proc_config(demo, cut_dir), tmp_path / "c.yaml")
+    # c10d rendezvous, as launch/multinode.sh uses: each restart is a fresh rendezvous
+    # round (with the static --master_port store, the restarted group hangs in gloo's
+    # connect on the previous round's keys).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-           f"--master_port={free_port()}", "-m", "moco_mm.train", "--config", str(cfg)]
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "moco_mm.train",
+           "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not (cut_dir / "checkpoints" / "step_00000008").exists():
