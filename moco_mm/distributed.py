@@ -102,7 +102,9 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return x
     out = torch.empty((world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous())
+    # all_gather_single is the newer name of all_gather_into_tensor (deprecated in 2.14).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.contiguous())
     return out
 
 

@@ -343,6 +343,7 @@ class Trainer:
         index = {int(s): i for i, s in enumerate(img_ids_t)}
         txt_to_img = torch.tensor([index[int(s)] for s in torch.cat(owners)])
         metrics = retrieval_metrics(torch.cat(imgs) @ torch.cat(txts).t(), txt_to_img)
+        metrics["n_images"], metrics["n_captions"] = float(len(img_ids_t)), float(len(txt_to_img))
         self.last_eval = metrics
         return metrics
 
@@ -405,6 +406,10 @@ class Trainer:
         if main:
             print(f"done: {self.step} steps; checkpoints in {self.ckpt.root}", flush=True)
             if self.last_eval:
+                n_img = int(self.last_eval["n_images"])
+                n_txt = int(self.last_eval["n_captions"])
+                print(f"held-out retrieval at step {self.step} ({n_img} images, {n_txt} captions; "
+                      f"R@1 by chance: {100 / n_img:.2f}%)", flush=True)
                 print(format_table(self.last_eval), flush=True)
 
 
