@@ -61,14 +61,32 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if use_cuda else None,
+            store=_restart_scoped_store(world, timeout),
         )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _restart_scoped_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun's elastic agent, a store whose keys are scoped to this restart.
+
+    The agent keeps one TCP store across restarts, and the process group's connection
+    keys carry no restart number: after `--max-restarts` brings a group back, a new rank
+    can read the dead rank's address and gloo fails with "connection refused" (seen here,
+    intermittently). Prefixing every key with the restart count removes the race. Returns
+    None (plain env:// initialisation) outside the elastic agent.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"moco_mm/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
 def shutdown() -> None:

@@ -7,11 +7,12 @@ started again with the same command finishes bit-identical to one that never sto
 
 Gradient accumulation (`optim.accum_steps = A`): one optimizer step consumes A loader
 batches (micro-batches). The key towers are updated once, before the first micro-batch,
-so all A micro-batches see the same key towers. Each micro-batch's gathered keys are
-enqueued right after its backward, so later micro-batches of the same step already have
-the earlier ones' keys among their queue negatives (the queue advances per micro-batch,
-as with a smaller batch). The temperature's gradient, like every other, is the mean of
-the A micro-batch gradients; the temperature is clamped once, after the optimizer step.
+so all A micro-batches see the same key towers. All A micro-batches also see the same
+queue (its state at the start of the step): their negatives are that queue plus their
+own gathered batch. Their gathered keys are enqueued after the optimizer step, in
+micro-batch order (and not at all when the step is skipped as non-finite). The
+temperature's gradient, like every other, is the mean of the A micro-batch gradients;
+the temperature is clamped once, after the optimizer step.
 """
 
 from __future__ import annotations

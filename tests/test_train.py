@@ -201,3 +201,32 @@ def test_elastic_restart_after_a_rank_dies_is_exact(demo, tmp_path, multinode_re
     out = proc.communicate(timeout=400)[0]
     assert proc.returncode == 0, out[-4000:]
     assert final_weights(cut_dir, 24) == final_weights(multinode_reference, 24)
+
+
+def test_divergence_stops_with_a_message_and_a_checkpoint_of_the_last_good_state(demo, tmp_path):
+    # An absurd learning rate without clipping turns the weights to inf after the first
+    # step; from then on every loss is NaN.
+    cfg = tiny_train_config(demo, tmp_path / "run", run={"steps": 12, "log_every": 1},
+                            optim={"lr": 1e30, "grad_clip": 0.0, "max_bad_steps": 3, "warmup_steps": 0})
+    res = subprocess.run(train_cmd(write_config(cfg, tmp_path / "c.yaml")), cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "3 consecutive steps with a non-finite loss" in res.stderr
+    last = CheckpointManager(tmp_path / "run" / "checkpoints").latest()
+    assert last is not None
+    tensors, state = CheckpointManager.load(last)
+    assert state["counters"]["bad_steps"] == 3
+    rows = metrics(tmp_path / "run")
+    assert rows[-1]["bad_steps"] == 3
+
+
+def test_eval_during_training_and_wandb_offline(demo, tmp_path):
+    cfg = tiny_train_config(demo, tmp_path / "run", run={"steps": 4, "log_every": 2},
+                            eval={"every": 2, "max_samples": 64}, logging={"wandb": "offline"})
+    res = run(train_cmd(write_config(cfg, tmp_path / "c.yaml")))
+    rows = metrics(tmp_path / "run")
+    evals = [r for r in rows if "eval/i2t_R@1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert {"eval/i2t_R@5", "eval/t2i_R@10", "eval/t2i_medr"} <= evals[0].keys()
+    assert "held-out retrieval at step 4" in res.stdout
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

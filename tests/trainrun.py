@@ -23,19 +23,19 @@ def build_demo(out: Path) -> Path:
     return out
 
 
-def tiny_train_config(data: Path, out_dir: Path, **sections) -> dict:
+def tiny_train_config(demo: Path, out_dir: Path, **sections) -> dict:
     cfg = {
         "run": {"output_dir": str(out_dir), "steps": 12, "seed": 3, "device": "cpu", "log_every": 2},
         "model": {
             "image": {"name": "vit_tiny_patch16_224", "image_size": 32,
                       "kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}},
-            "text": {"name": "bert", "tokenizer": str(data / "tokenizer"), "pooling": "mean", "max_length": 16,
+            "text": {"name": "bert", "tokenizer": str(demo / "tokenizer"), "pooling": "mean", "max_length": 16,
                      "overrides": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                                    "intermediate_size": 128, "max_position_embeddings": 32}},
             "embed_dim": 32, "momentum": 0.9,
         },
         "queue": {"size": 100},
-        "data": {"train": str(data / "train" / "manifest.json"), "val": str(data / "val" / "manifest.json"),
+        "data": {"train": str(demo / "train" / "manifest.json"), "val": str(demo / "val" / "manifest.json"),
                  "batch_size": 16, "workers": 1, "shuffle_buffer": 64},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "checkpoint": {"every": 4, "keep": 2},
