@@ -176,7 +176,9 @@ def build_hf_backbone(cfg: TextTowerConfig, vocab_size: int | None = None) -> nn
             )
         model = AutoModel.from_config(hf_config, add_pooling_layer=False)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed the method; keep working with either.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     if cfg.trainable_blocks >= 0:
         layers = _hf_layers(model)
         groups = [list(getattr(model, "embeddings", nn.Module()).parameters())]

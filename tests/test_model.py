@@ -193,3 +193,22 @@ def test_bad_model_config_names_the_field(change, field):
 def test_queue_size_below_one_names_the_field(size):
     with pytest.raises(ConfigError, match=r"queue\.size"):
         DualQueueMoCo(tiny_model_config(), QueueConfig(size=size))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    def grads(ckpt: bool):
+        cfg = tiny_model_config()
+        cfg.image.grad_checkpointing = ckpt
+        cfg.text.grad_checkpointing = ckpt
+        torch.manual_seed(7)
+        m = DualQueueMoCo(cfg, QueueConfig(size=8))
+        out = m(**tiny_batch(4, 8))
+        out.loss.backward()
+        return out.loss.item(), {n: p.grad for n, p in m.query.named_parameters() if p.grad is not None}
+
+    loss_a, ga = grads(False)
+    loss_b, gb = grads(True)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6)
