@@ -181,6 +181,14 @@ class Config:
             )
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.optim.min_lr_ratio}")
+        from moco_mm.checkpoint import MARKER_FILE  # the completion marker's name
+
+        c = self.checkpoint
+        if c.resume not in ("auto", "none") and not (Path(c.resume) / MARKER_FILE).is_file():
+            raise ConfigError(f"checkpoint.resume: auto, none, or a complete step directory; "
+                              f"{c.resume!r} is none of these")
+        if c.init_weights and not (Path(c.init_weights) / MARKER_FILE).is_file():
+            raise ConfigError(f"checkpoint.init_weights: {c.init_weights!r} is not a complete step directory")
         _positive("checkpoint.every", self.checkpoint.every)
         _positive("checkpoint.keep", self.checkpoint.keep)
         _non_negative("eval.every", self.eval.every)

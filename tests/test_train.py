@@ -47,6 +47,8 @@ def metrics(run_dir: Path) -> list[dict]:
     ("optim.warmup_steps=500", "optim.warmup_steps"),
     ("queue.size=8", "queue.size"),  # with in_batch_negatives off: smaller than a global batch
     ("checkpoint.keep=0", "checkpoint.keep"),
+    ("checkpoint.resume=/no/such/step_00000001", "checkpoint.resume"),
+    ("checkpoint.init_weights=/no/such/dir", "checkpoint.init_weights"),
 ])
 def test_config_errors_name_the_key(demo, tmp_path, override, key):
     cfg = write_config(tiny_train_config(demo, tmp_path / "run", model={"in_batch_negatives": False}),
