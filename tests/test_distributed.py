@@ -2,8 +2,6 @@
 2-process loss equal to the single-process loss on the concatenated global batch."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,24 +13,12 @@ from moco_mm import distributed as D
 from moco_mm.config import QueueConfig
 from moco_mm.model import DualQueueMoCo
 from tests.tiny import tiny_batch, tiny_model_config
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.trainrun import ROOT, free_port, run
 
 
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(script), *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+         f"--master_port={free_port()}", str(script), *args], timeout=timeout)
 
 
 @pytest.fixture(scope="module")
