@@ -9,6 +9,6 @@ source "$VENV/bin/activate"
 stamp="$VENV/.moco_mm-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
     python -m pip install -q --upgrade pip
-    python -m pip install -q -c constraints.txt -e ".[dev,export,search]"
+    python -m pip install -q -c constraints.txt -e ".[dev,export,search,bench]"
     touch "$stamp"
 fi

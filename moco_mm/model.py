@@ -168,8 +168,9 @@ class DualQueueMoCo(nn.Module):
         """
         k_params, q_params, k_bufs, q_bufs = self._ema_lists()
         if k_params:
-            torch._foreach_mul_(k_params, m)
-            torch._foreach_add_(k_params, q_params, alpha=1.0 - m)
+            # lerp: k + (1-m)(q-k) = m*k + (1-m)*q in one pass over the bytes (measured at
+            # half the time of mul_ + add_ by tools/bench.py).
+            torch._foreach_lerp_(k_params, q_params, 1.0 - m)
         if k_bufs:
             torch._foreach_copy_(k_bufs, q_bufs)
 
