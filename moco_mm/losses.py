@@ -26,6 +26,11 @@ LossFn = Callable[..., torch.Tensor]
 
 def _similarities(q, k, negatives, q_ids, neg_ids):
     """float32 positive sims [B], negative sims [B, N], and the keep mask [B, N] (or None)."""
+    with torch.autocast(q.device.type, enabled=False):  # the trainer runs the loss under autocast
+        return _similarities_fp32(q, k, negatives, q_ids, neg_ids)
+
+
+def _similarities_fp32(q, k, negatives, q_ids, neg_ids):
     q = q.float()
     k = k.detach().float()
     negatives = negatives.detach().float()

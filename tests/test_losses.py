@@ -103,3 +103,12 @@ def test_masked_entries_keep_the_temperature_gradient_finite():
     loss = queue_infonce(q, k, torch.cat([k, k]), t, torch.arange(4), torch.arange(8) % 4)
     loss.backward()
     assert torch.isfinite(t.grad) and torch.isfinite(q.grad).all()
+
+
+def test_similarities_stay_float32_under_autocast():
+    q, k, negs = _unit(8, 64, 17), _unit(8, 64, 18), _unit(512, 64, 19)
+    want = queue_infonce(q.float(), k.float(), negs.float(), 0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = queue_infonce(q.float(), k.float(), negs.float(), 0.01)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
