@@ -1,0 +1,367 @@
+"""The memory planner (moco_mm.memory, tools/plan_memory.py).
+
+Fast on two CPU cores: tiny towers are traced with fake tensors in about a second; the
+shipped A100 configs are planned from tower profiles cached below (traced by the planner
+itself; their keys hash the tower config, precision, tracer version and library
+versions, so a changed config or library falls back to tracing) and one of them is
+re-traced here to prove the cache current.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco_mm import memory
+from moco_mm.config import Config, QueueConfig, load_config
+from moco_mm.memory import GIB, Linear, TowerProfile
+from tests.tiny import VOCAB, tiny_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("a100-*gb-*.yaml"))
+BATCH_PARTS = {"inputs", "activations.image", "activations.text", "backward.transient", "negatives",
+               "logits", "logit_grads", "gathered.keys"}
+
+
+def _tower(saved, forward_live, backward_extra, no_grad_peak, **rest) -> TowerProfile:
+    return TowerProfile(saved=Linear(*saved), forward_live=Linear(*forward_live),
+                        backward_extra=Linear(*backward_extra), no_grad_peak=Linear(*no_grad_peak), **rest)
+
+
+# Tower profiles of the shipped configs as `memory.tower_profile` traced them
+# (regenerate: memory.tower_profile(...).to_dict() for each config's towers).
+CACHED_TOWERS = {
+    # a100-40gb-vitb16-bertbase.yaml:image, a100-80gb-vitb16-bertbase.yaml:image
+    '23bbb8a40167f04e5b7a': _tower(
+        saved=(171442176.0, 66421036.0), forward_live=(171610112.0, 66421548.0),
+        backward_extra=(14157320.0, 1815552.0), no_grad_peak=(4724736.0, 3933696.0),
+        input_bytes_per_sample=602112, has_batchnorm=False,
+        method='depth-extrapolated (1 run(s) of identical blocks, 12 blocks, traced at 2 each)',
+        weight_bytes=343982080, n_params=85995520, trainable_bytes=343982080, n_trainable=85995520),
+    # a100-40gb-vitb16-bertbase.yaml:text, a100-80gb-vitb16-bertbase.yaml:text
+    'd43f6b91fb5b00edf4b1': _tower(
+        saved=(170263040.0, 26495492.0), forward_live=(170429440.0, 26496004.0),
+        backward_extra=(93763592.0, 196608.0), no_grad_peak=(4724736.0, 1085440.0),
+        input_bytes_per_sample=1032, has_batchnorm=False,
+        method='depth-extrapolated (1 run(s) of identical blocks, 12 blocks, traced at 2 each)',
+        weight_bytes=436362240, n_params=109088512, trainable_bytes=436354048, n_trainable=109088512),
+    # a100-40gb-vitl14-bertlarge.yaml:image
+    '965f0ab0ab75199d7cca': _tower(
+        saved=(2252800.0, 26622988.0), forward_live=(606678016.0, 26624012.0),
+        backward_extra=(39809032.0, 10562640.0), no_grad_peak=(8396800.0, 6842368.0),
+        input_bytes_per_sample=602112, has_batchnorm=False,
+        method='depth-extrapolated (1 run(s) of identical blocks, 24 blocks, traced at 2 each)',
+        weight_bytes=1214814208, n_params=303703552, trainable_bytes=1214814208, n_trainable=303703552),
+    # a100-40gb-vitl14-bertlarge.yaml:text, a100-80gb-vitl14-bertlarge.yaml:text
+    '4678376e7a639b2590ad': _tower(
+        saved=(605028864.0, 70053380.0), forward_live=(605472256.0, 70054404.0),
+        backward_extra=(125018120.0, 262144.0), no_grad_peak=(8396800.0, 1445888.0),
+        input_bytes_per_sample=1032, has_batchnorm=False,
+        method='depth-extrapolated (1 run(s) of identical blocks, 24 blocks, traced at 2 each)',
+        weight_bytes=1338476544, n_params=334617088, trainable_bytes=1338468352, n_trainable=334617088),
+    # a100-40gb-wenlan-large.yaml:image
+    '2f4a8fa0283f07806b50': _tower(
+        saved=(29505152.0, 101439588.0), forward_live=(153187616.0, 101444708.0),
+        backward_extra=(23432.0, 155520800.0), no_grad_peak=(768.0, 86400000.0),
+        input_bytes_per_sample=4320000, has_batchnorm=True,
+        method='depth-extrapolated (7 run(s) of identical blocks, 3+6+6+9+9+12+3 blocks, traced at 2 each)',
+        weight_bytes=308841304, n_params=76899280, trainable_bytes=307597120, n_trainable=76899280),
+    # a100-40gb-wenlan-large.yaml:text, a100-80gb-wenlan-large.yaml:text
+    'ff2b15ab50f777bd6a86': _tower(
+        saved=(622330496.0, 87641732.0), forward_live=(622783104.0, 87646852.0),
+        backward_extra=(125018120.0, 327680.0), no_grad_peak=(11944960.0, 921600.0),
+        input_bytes_per_sample=1288, has_batchnorm=False,
+        method='depth-extrapolated (1 run(s) of identical blocks, 24 blocks, traced at 2 each)',
+        weight_bytes=1373097984, n_params=343272448, trainable_bytes=1373089792, n_trainable=343272448),
+    # a100-80gb-vitl14-bertlarge.yaml:image
+    'cf358c617dc4767af5ca': _tower(
+        saved=(606232576.0, 229229452.0), forward_live=(606678016.0, 229230476.0),
+        backward_extra=(25167880.0, 3158016.0), no_grad_peak=(8396800.0, 6842368.0),
+        input_bytes_per_sample=602112, has_batchnorm=False,
+        method='depth-extrapolated (1 run(s) of identical blocks, 24 blocks, traced at 2 each)',
+        weight_bytes=1214814208, n_params=303703552, trainable_bytes=1214814208, n_trainable=303703552),
+    # a100-80gb-wenlan-large.yaml:image
+    '94d8b0c4c153a5d93a47': _tower(
+        saved=(153641920.0, 1924611524.0), forward_live=(153798560.0, 1924616644.0),
+        backward_extra=(1544.0, 69120000.0), no_grad_peak=(768.0, 86400000.0),
+        input_bytes_per_sample=4320000, has_batchnorm=True,
+        method='depth-extrapolated (7 run(s) of identical blocks, 3+6+6+9+9+12+3 blocks, traced at 2 each)',
+        weight_bytes=308841304, n_params=76899280, trainable_bytes=307597120, n_trainable=76899280),
+}
+
+
+def tiny_config(batch: int = 8, queue: int = 64, precision: str = "fp32", **queue_kw) -> Config:
+    cfg = Config(model=tiny_model_config(), queue=QueueConfig(size=queue, **queue_kw))
+    cfg.data.batch_size = batch
+    cfg.run.precision = precision
+    return cfg.validate()
+
+
+def tiny_plan(batch: int = 8, queue: int = 64, world_size: int = 2, **kw):
+    return memory.plan(tiny_config(batch, queue, **kw), "a100-40gb", world_size, vocab_size=VOCAB)
+
+
+# --- the plan's arithmetic -----------------------------------------------------------
+
+
+def test_parts_add_up_to_the_peak():
+    p = tiny_plan()
+    assert p.peak_bytes == sum(p.parts.values())
+    assert p.parts is p.phases[p.phase]
+    assert p.peak_bytes == max(sum(ph.values()) for ph in p.phases.values())
+    assert p.required_bytes == p.peak_bytes + p.margin_bytes
+    assert p.margin_bytes == memory.Margin().bytes(p.peak_bytes) >= GIB
+    assert p.fits == (p.required_bytes <= p.capacity_bytes)
+    d = p.to_dict()
+    for key in ("peak_bytes", "capacity_bytes", "parts", "max_batch_per_gpu", "max_queue_size"):
+        assert key in d
+    json.dumps(d)
+
+
+def test_doubling_the_batch_grows_only_activations_logits_and_gathered_keys():
+    """Weights, gradients, optimizer states, buckets and queues do not move; what grows is
+    per-sample: the batch itself, activations and their transients, the logits (and the
+    gathered batch keys among the negatives) and the gathered keys."""
+    small, large = tiny_plan(batch=8), tiny_plan(batch=16)
+    for phase in ("backward", "forward"):
+        a, b = small.phases[phase], large.phases[phase]
+        assert a.keys() == b.keys()
+        grown = {k for k in a if b[k] != a[k]}
+        assert grown <= BATCH_PARTS | {"key_forward.transient", "loss.forward", "gathered.shuffle"}, grown
+        for k in grown:
+            assert b[k] > a[k], k
+    grown = {k for k in small.phases["backward"] if large.phases["backward"][k] != small.phases["backward"][k]}
+    assert {"activations.image", "activations.text", "logits", "gathered.keys"} <= grown
+    # Saved activations are linear in the batch (plus batch-independent autocast copies).
+    act = lambda p: p.phases["backward"]["activations.image"] + p.phases["backward"]["activations.text"]
+    assert act(tiny_plan(batch=32)) - act(large) == pytest.approx(2 * (act(large) - act(small)), abs=4)
+
+
+@pytest.mark.parametrize("dtype,nbytes", [("float32", 4), ("bfloat16", 2)])
+def test_a_queue_of_k_rows_stores_exactly_2_k_d_bytes(dtype, nbytes):
+    d = tiny_model_config().embed_dim
+    plans = {k: tiny_plan(queue=k, dtype=dtype) for k in (64, 1000)}
+    for k, p in plans.items():
+        for phase in p.phases.values():
+            assert phase["queues.features"] == 2 * k * d * nbytes
+            assert phase["queues.ids"] == 2 * k * 8
+    # ... and nothing but the queue and what the loss computes over it depends on K.
+    a, b = plans[64].phases["backward"], plans[1000].phases["backward"]
+    assert {k for k in a if a[k] != b[k]} <= {"queues.features", "queues.ids", "negatives", "logits", "logit_grads"}
+
+
+def test_disabled_queue_holds_nothing():
+    p = tiny_plan(queue=64, enabled=False)
+    assert p.parts["queues.features"] == p.parts["queues.ids"] == 0
+    assert p.queue_size == p.max_queue_size == 0
+
+
+def test_max_batch_and_queue_are_the_largest_that_fit():
+    cfg = tiny_config()
+    gpu = memory.GpuSpec("small", 2 * GIB, "a 2 GiB test device")
+    p = memory.plan(cfg, gpu, 1, vocab_size=VOCAB)
+    assert p.max_batch_per_gpu > cfg.data.batch_size and p.max_queue_size > cfg.queue.size
+    at = lambda b, k: memory.plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=b),
+                                                      queue=dataclasses.replace(cfg.queue, size=k)),
+                                  gpu, 1, vocab_size=VOCAB)
+    assert at(p.max_batch_per_gpu, cfg.queue.size).fits and not at(p.max_batch_per_gpu + 1, cfg.queue.size).fits
+    assert at(cfg.data.batch_size, p.max_queue_size).fits
+    assert not at(cfg.data.batch_size, p.max_queue_size + max(1, p.max_queue_size // 500)).fits
+
+
+def test_ddp_buckets_only_with_more_than_one_rank():
+    assert tiny_plan(world_size=1).parts["ddp.buckets"] == 0
+    p = tiny_plan(world_size=2)
+    assert p.parts["ddp.buckets"] == p.parts["grads"] > 0
+
+
+def test_loss_fit_matches_an_exact_trace():
+    args = ("infonce", True, 256, True, "float32", True)
+    fit = memory.loss_model(*args)
+    exact = memory.loss_footprint("infonce", True, 256, 96, 65536, 8 * 96, "float32", True)
+    for f in dataclasses.fields(memory.LossFootprint):
+        want = getattr(exact, f.name)
+        assert fit[f.name].at(96, 65536 + 8 * 96) == pytest.approx(want, rel=0.01, abs=4096), f.name
+
+
+# --- the tracing ---------------------------------------------------------------------
+
+
+def test_planner_matches_a_real_cpu_step_within_15_percent():
+    """Validation: parameters + gradients + AdamW + saved activations of one real fp32
+    step of DualQueueMoCo on the CPU (real tensors, full queues, padded captions) against
+    the planner's figure for the same config (traced with fake tensors at batches 2 and 4,
+    extrapolated to 16)."""
+    cfg = tiny_config(batch=16, queue=64)
+    plan = memory.plan(cfg, "a100-40gb", 1, vocab_size=VOCAB)
+    measured = memory.measure_step(cfg, VOCAB)
+    p = plan.phases["backward"]
+    planned = (p["params.query"] + p["params.key"] + p["grads"] + p["optimizer.adamw"]
+               + p["activations.image"] + p["activations.text"])
+    assert planned == pytest.approx(measured.total, rel=0.15)
+    assert p["activations.image"] + p["activations.text"] == pytest.approx(measured.saved_towers, rel=0.15)
+    assert p["params.query"] + p["params.key"] == measured.params
+    assert p["grads"] == measured.grads and p["optimizer.adamw"] == measured.optimizer
+
+
+def _tiny_tower(kind: str, ckpt: bool):
+    """A 3-block tower (the shortest run that is extrapolated) and its inputs."""
+    from moco_mm.config import ImageTowerConfig, TextTowerConfig
+    from moco_mm.encoders import ImageTower, TextTower
+
+    with torch.device("meta"):
+        if kind == "text":
+            cfg = TextTowerConfig(name="bert", max_length=16, grad_checkpointing=ckpt,
+                                  overrides=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                                 intermediate_size=128, vocab_size=VOCAB))
+            return TextTower(cfg, 32), lambda b: (torch.zeros(b, 16, dtype=torch.long),
+                                                  torch.ones(b, 16, dtype=torch.long))
+        cfg = ImageTowerConfig(name="vit_tiny_patch16_224", image_size=32, grad_checkpointing=ckpt,
+                               kwargs=dict(patch_size=8, depth=3, embed_dim=64, num_heads=2))
+        return ImageTower(cfg, 32), lambda b: (torch.empty(b, 3, 32, 32),)
+
+
+# Plain ViT blocks (each keeps its input and autocast weight copies) and checkpointed BERT
+# layers (a wrapper saves each layer's input before the layer runs, and the last one's
+# output reaches the head in bf16): the two ways a block's share can be misattributed.
+@pytest.mark.parametrize("kind,ckpt", [("image", False), ("text", True)])
+def test_depth_extrapolation_equals_a_full_trace(kind, ckpt):
+    tower, inputs = _tiny_tower(kind, ckpt)
+    with memory._fake_mode():
+        tower = tower.to_empty(device="cpu")
+        short, method = memory._profile_fake_tower(tower, inputs, torch.bfloat16, depth_extrapolation=True)
+        full, _ = memory._profile_fake_tower(tower, inputs, torch.bfloat16, depth_extrapolation=False)
+    assert "3 blocks" in method
+    assert short == full
+
+
+def test_checkpointing_keeps_less_and_recomputes_more():
+    cfg = tiny_config()
+    plain = memory.profile_model(cfg, VOCAB)
+    cfg.model.image.grad_checkpointing = cfg.model.text.grad_checkpointing = True
+    ckpt = memory.profile_model(cfg, VOCAB)
+    for a, b in ((plain.image, ckpt.image), (plain.text, ckpt.text)):
+        assert b.saved.per_sample < a.saved.per_sample
+        assert b.backward_extra.per_sample > a.backward_extra.per_sample
+
+
+def test_fast_outputs_match_the_fake_implementation():
+    aten = torch.ops.aten
+
+    def meta(x):
+        if isinstance(x, torch.Tensor):
+            return tuple(x.shape), x.dtype, x.stride()
+        return [meta(y) for y in x] if isinstance(x, (tuple, list)) else x
+
+    with memory._fake_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.empty(2, 8, 5, 5, dtype=dtype)
+            w, b, rm, rv = (torch.empty(8) for _ in range(4))
+            for training in (True, False):
+                cases = [(aten.native_batch_norm.default, (x, w, b, rm, rv, training, 0.1, 1e-5))]
+                _, sm, si = aten.native_batch_norm.default(x, w, b, rm, rv, training, 0.1, 1e-5)
+                for mask in ([True, True, True], [True, False, False]):
+                    cases.append((aten.native_batch_norm_backward.default,
+                                  (torch.empty_like(x), x, w, rm, rv, sm, si, training, 1e-5, mask)))
+                cases += [(aten.silu_backward.default, (torch.empty_like(x), x)),
+                          (aten.sigmoid_backward.default, (torch.empty_like(x), x))]
+                for func, args in cases:
+                    assert meta(memory._fast_outputs(func, args, {})) == meta(func(*args)), func
+
+
+def test_attention_dropout_is_traced_as_cuda_fused_attention():
+    """CPU attention with dropout keeps the probabilities; CUDA's fused kernels do not."""
+    cfg = tiny_config()
+    base = memory.profile_model(cfg, VOCAB).text.saved
+    cfg.model.text.overrides = {**cfg.model.text.overrides, "attention_probs_dropout_prob": 0.1}
+    assert memory.profile_model(cfg, VOCAB).text.saved == base
+
+
+# --- the shipped configs -------------------------------------------------------------
+
+
+def _planner_line(path: Path) -> dict[str, float]:
+    text = path.read_text()
+    m = re.search(r"peak ([\d.]+) GiB \+ margin ([\d.]+) GiB\n# \(10% \+ 1 GiB\) = ([\d.]+) of ([\d.]+) GiB", text)
+    assert m, f"{path.name}: no planner line"
+    return dict(zip(("peak", "margin", "required", "capacity"), map(float, m.groups())))
+
+
+@pytest.fixture(scope="module")
+def cached_towers():
+    for key, profile in CACHED_TOWERS.items():
+        memory.register_tower_profile(key, profile)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_fits_its_gpu(name, cached_towers):
+    path = ROOT / "configs" / name
+    gpu = name[: len("a100-40gb")]
+    cfg = load_config(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = memory.plan(cfg, gpu, world_size=8)
+    assert p.fits, p.table()
+    assert p.max_batch_per_gpu >= cfg.data.batch_size and p.max_queue_size >= cfg.queue.size
+    # The comment in the config states this plan.
+    stated = _planner_line(path)
+    assert stated["peak"] == pytest.approx(p.peak_bytes / GIB, abs=0.006)
+    assert stated["margin"] == pytest.approx(p.margin_bytes / GIB, abs=0.006)
+    assert stated["required"] == pytest.approx(p.required_bytes / GIB, abs=0.006)
+    assert stated["capacity"] == pytest.approx(p.capacity_bytes / GIB, abs=0.006)
+
+
+def test_shipped_configs_use_only_cached_towers():
+    """Every tower of a shipped config has a cache entry (else the test above traces)."""
+    for name in SHIPPED:
+        cfg = load_config(ROOT / "configs" / name)
+        vocab, _ = memory.default_vocab_size(cfg)
+        for kind in ("image", "text"):
+            key = memory.tower_profile_key(kind, cfg.model, memory.autocast_dtype_for(cfg), vocab)
+            assert key in CACHED_TOWERS, f"{name} {kind}: regenerate CACHED_TOWERS"
+
+
+def test_cached_tower_profile_is_current():
+    """Re-trace the cheapest shipped tower (BERT-base, 64 tokens) and compare."""
+    cfg = load_config(ROOT / "configs" / "a100-40gb-vitb16-bertbase.yaml")
+    vocab, _ = memory.default_vocab_size(cfg)
+    dtype = memory.autocast_dtype_for(cfg)
+    key = memory.tower_profile_key("text", cfg.model, dtype, vocab)
+    memory._TOWERS.pop(key, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = memory.tower_profile("text", cfg.model, dtype, vocab)
+    assert fresh == CACHED_TOWERS[key]
+
+
+# --- the command line ----------------------------------------------------------------
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+    import yaml
+
+    from tools.plan_memory import main
+
+    cfg = tiny_config()
+    raw = {"model": dataclasses.asdict(cfg.model), "queue": dataclasses.asdict(cfg.queue),
+           "data": {"batch_size": 8}, "run": {"precision": "fp32"}}
+    raw["model"]["text"]["overrides"]["vocab_size"] = VOCAB
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "plan.json"
+    assert main(["--config", str(path), "--gpu", "a100-80gb", "--world-size", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for word in ("params.query", "activations.image", "logits", "margin", "required", "FITS"):
+        assert word in printed
+    plan = json.loads(out.read_text())
+    assert plan["peak_bytes"] == sum(plan["parts"].values())
+    assert plan["capacity_bytes"] == memory.GPUS["a100-80gb"].capacity_bytes
+    assert plan["max_batch_per_gpu"] > 8 and plan["max_queue_size"] > 64
+    assert main(["--config", str(path), "--gpu", "a100-40gb", "data.batch_size=10000000"]) == 1
+    assert main(["--config", str(path), "--gpu", "a100-40gb", "data.batch_size=0"]) == 2
