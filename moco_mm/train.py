@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,7 +92,6 @@ class StepStats:
     pos_sim: float = 0.0
     neg_sim: float = 0.0
     data_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -261,7 +259,6 @@ class Trainer:
         m = momentum_at(self.step, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule)
         self.model.momentum_update(m)
         stats = StepStats()
-        finite = True
         outs = []
         for i in range(accum):
             t0 = time.perf_counter()
