@@ -76,6 +76,9 @@ class ModelConfig:
     embed_dim: int = 256
     head: Literal["linear", "mlp"] = "linear"
     head_hidden_dim: int = 0  # mlp only; 0: the tower's width
+    # false: no key towers, no EMA, no queue; keys are the other tower's own outputs,
+    # gathered with gradient (the CLIP objective). Needs queue.enabled: false.
+    momentum_encoder: bool = True
     momentum: float = 0.995
     # cosine: m rises from `momentum` to 1.0 over run.steps (MoCo v3 / BYOL).
     momentum_schedule: Literal["constant", "cosine"] = "constant"
@@ -90,7 +93,9 @@ class ModelConfig:
 
 @dataclass
 class QueueConfig:
-    enabled: bool = True  # false: in-batch negatives only (the CLIP objective)
+    # false: in-batch negatives only; with model.momentum_encoder false as well, this is
+    # the CLIP objective (with momentum keys, MoCo v3's).
+    enabled: bool = True
     size: int = 4096  # rows per modality
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -239,6 +244,11 @@ def validate_queue(q: QueueConfig, m: ModelConfig | None = None) -> None:
         )
     if m is not None and not q.enabled and not m.in_batch_negatives:
         raise ConfigError("queue.enabled: false with model.in_batch_negatives off leaves no negatives")
+    if m is not None and q.enabled and not m.momentum_encoder:
+        raise ConfigError(
+            "model.momentum_encoder: false (no key towers: the CLIP objective) needs queue.enabled: false; "
+            "a queue holds momentum keys, and with none it would hold stale query outputs"
+        )
 
 
 def _positive(key: str, v: float) -> None:

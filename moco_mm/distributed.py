@@ -126,6 +126,22 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_cat_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """`all_gather_cat` through which gradients flow back to their owner rank.
+
+    The backward reduce-scatters (sums) the gradient of every rank's copy of row block r
+    onto rank r. With each rank's loss a mean over its own rows and DDP averaging the
+    gradients, the update is the gradient of the mean loss over the global batch, as if
+    one process had computed it (the CLIP objective's need; keys never use this).
+    """
+    if not is_dist():
+        return x
+    from torch.distributed import _functional_collectives as fc
+
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    return gather(x.contiguous(), 0, dist.group.WORLD)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over ranks of a tensor (returns a new tensor; identity for one process)."""
     if not is_dist():

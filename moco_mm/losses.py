@@ -2,13 +2,15 @@
 
 All three share one signature so the model can pick one by name:
 
-    loss(q, k, negatives, temperature, q_ids=None, neg_ids=None) -> 0-d tensor
+    loss(q, k, negatives, temperature, q_ids=None, neg_ids=None, grad_keys=False) -> 0-d tensor
 
-- `q` [B, D]: queries (the only input that receives a gradient);
+- `q` [B, D]: queries;
 - `k` [B, D]: each query's positive key;
 - `negatives` [N, D]: shared negatives (N may be 0);
 - negative j is excluded from row i when `neg_ids[j] == q_ids[i]` (a stale copy of the
-  query's own positive, e.g. from the queue or from the gathered batch).
+  query's own positive, e.g. from the queue or from the gathered batch);
+- `grad_keys`: False (MoCo: keys come from momentum towers, only `q` gets a gradient);
+  True (CLIP: keys and negatives are the other tower's outputs and get one too).
 
 Similarities are computed in float32 whatever the input dtype, so bf16 features with a
 temperature of 0.01 (logits up to 100) cannot overflow or lose the positive.
@@ -23,56 +25,68 @@ import torch.nn.functional as F
 
 LossFn = Callable[..., torch.Tensor]
 
+# What a masked similarity becomes. Finite on purpose: exp() of it is exactly 0, and a
+# finite value cannot turn into 0 * inf = NaN in any gradient (the temperature's
+# included), even in a row where every negative is masked.
+MASKED = -torch.finfo(torch.float32).max
 
-def _similarities(q, k, negatives, q_ids, neg_ids):
-    """float32 positive sims [B], negative sims [B, N], and the keep mask [B, N] (or None)."""
+
+def _scores(q, k, negatives, scale, q_ids, neg_ids, grad_keys) -> torch.Tensor:
+    """float32 scores [B, 1+N]: column 0 the positive, then the negatives; masked entries
+    hold MASKED.
+
+    Scores are similarities times `scale` (1/T, or None for raw similarities). The query
+    is scaled before the matmul, not the [B, N] result after it: the same numbers, but the
+    temperature's backward then costs O(B*D) instead of O(B*N) (measured: a third off
+    the loss's forward + backward by tools/bench.py's loss component).
+    """
     with torch.autocast(q.device.type, enabled=False):  # the trainer runs the loss under autocast
-        return _similarities_fp32(q, k, negatives, q_ids, neg_ids)
+        q = q.float()
+        if scale is not None:
+            q = q * scale
+        if not grad_keys:
+            k, negatives = k.detach(), negatives.detach()
+        pos = (q * k.float()).sum(dim=1, keepdim=True)
+        if negatives.shape[0] == 0:
+            return pos
+        scores = torch.cat([pos, q @ negatives.float().t()], dim=1)
+        if q_ids is not None and neg_ids is not None:
+            # One mask over all columns; column 0 (the positive) is never masked.
+            hit = F.pad(q_ids.view(-1, 1) == neg_ids.view(1, -1), (1, 0), value=False)
+            scores = scores.masked_fill(hit, MASKED)
+        return scores
 
 
-def _similarities_fp32(q, k, negatives, q_ids, neg_ids):
-    q = q.float()
-    k = k.detach().float()
-    negatives = negatives.detach().float()
-    pos = (q * k).sum(dim=1)
-    neg = q @ negatives.t()
-    keep = None
-    if q_ids is not None and neg_ids is not None and negatives.shape[0] > 0:
-        keep = q_ids.view(-1, 1) != neg_ids.view(1, -1)
-    return pos, neg, keep
-
-
-def queue_infonce(q, k, negatives, temperature, q_ids=None, neg_ids=None) -> torch.Tensor:
+def queue_infonce(q, k, negatives, temperature, q_ids=None, neg_ids=None, grad_keys: bool = False) -> torch.Tensor:
     """InfoNCE with the positive at index 0: mean_i CE([q_i.k_i, q_i.n_j ...] / T, 0)."""
-    pos, neg, keep = _similarities(q, k, negatives, q_ids, neg_ids)
-    logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / temperature
-    if keep is not None:
-        # Mask after the division: a -inf divided by a learnable temperature would send
-        # 0 * inf = NaN into the temperature's gradient.
-        logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(~keep, float("-inf"))], dim=1)
+    scores = _scores(q, k, negatives, 1.0 / temperature, q_ids, neg_ids, grad_keys)
     target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(scores, target)
 
 
-def vse_max(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, margin: float = 0.2) -> torch.Tensor:
+def _hinges(q, k, negatives, q_ids, neg_ids, margin, grad_keys):
+    """positive similarities [B, 1] and hinges relu(margin - pos + neg) [B, N]."""
+    scores = _scores(q, k, negatives, None, q_ids, neg_ids, grad_keys)
+    pos = scores[:, :1]
+    # A masked entry's hinge is relu(margin - pos + MASKED) = 0: it drops out of max and sum.
+    return pos, (margin - pos + scores[:, 1:]).clamp(min=0)
+
+
+def vse_max(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, margin: float = 0.2,
+            grad_keys: bool = False) -> torch.Tensor:
     """VSE++ (Faghri et al.): hinge on the hardest negative per query,
     mean_i max_j relu(margin - q_i.k_i + q_i.n_j). `temperature` is accepted and unused."""
-    pos, neg, keep = _similarities(q, k, negatives, q_ids, neg_ids)
-    if neg.shape[1] == 0:
+    pos, hinge = _hinges(q, k, negatives, q_ids, neg_ids, margin, grad_keys)
+    if hinge.shape[1] == 0:
         return pos.sum() * 0.0
-    hinge = (margin - pos.unsqueeze(1) + neg).clamp(min=0)
-    if keep is not None:
-        hinge = hinge * keep
     return hinge.max(dim=1).values.mean()
 
 
-def vse_sum(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, margin: float = 0.2) -> torch.Tensor:
+def vse_sum(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, margin: float = 0.2,
+            grad_keys: bool = False) -> torch.Tensor:
     """Hinge summed over negatives: mean_i sum_j relu(margin - q_i.k_i + q_i.n_j).
     `temperature` is accepted and unused."""
-    pos, neg, keep = _similarities(q, k, negatives, q_ids, neg_ids)
-    hinge = (margin - pos.unsqueeze(1) + neg).clamp(min=0)
-    if keep is not None:
-        hinge = hinge * keep
+    _, hinge = _hinges(q, k, negatives, q_ids, neg_ids, margin, grad_keys)
     return hinge.sum(dim=1).mean()
 
 

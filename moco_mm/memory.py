@@ -716,7 +716,7 @@ def profile_model(cfg: Config, vocab_size: int | None = None, depth_extrapolatio
         precision="fp32" if dtype is None else "bf16",
         vocab_size=vocab_size,
         param_bytes_query=image.weight_bytes + text.weight_bytes + temperature,
-        param_bytes_key=image.weight_bytes + text.weight_bytes,
+        param_bytes_key=image.weight_bytes + text.weight_bytes if cfg.model.momentum_encoder else 0,
         trainable_bytes=image.trainable_bytes + text.trainable_bytes + learnt * _F32,
         n_params_query=image.n_params + text.n_params + learnt,
         n_trainable=image.n_trainable + text.n_trainable + learnt,
@@ -744,11 +744,12 @@ class LossFootprint:
 
 @lru_cache(maxsize=256)
 def loss_footprint(loss: str, learn_temperature: bool, embed_dim: int, batch: int, queue_rows: int,
-                   batch_key_rows: int, queue_dtype: str, bf16: bool) -> LossFootprint:
+                   batch_key_rows: int, queue_dtype: str, bf16: bool, grad_keys: bool = False) -> LossFootprint:
     """Trace `LOSSES[loss]` for one direction as `DualQueueMoCo.forward` calls it.
 
     The bank is built as `DualQueueMoCo._negatives` builds it: `cat([gathered batch keys
-    (float32); queue rows .float()])`. Queries, positive keys, gathered keys and queue
+    (float32); queue rows .float()])`. `grad_keys`: the CLIP mode, where the keys and
+    the gathered rows (the whole bank: there is no queue) carry gradients. Queries, positive keys, gathered keys and queue
     storage are costed elsewhere and excluded here. ~0.1 s (fake tensors, any size).
     """
     from moco_mm.losses import LOSSES
@@ -757,9 +758,9 @@ def loss_footprint(loss: str, learn_temperature: bool, embed_dim: int, batch: in
     d = embed_dim
     with _fake_mode():
         q = torch.empty(batch, d, requires_grad=True)
-        k = torch.empty(batch, d)
+        k = torch.empty(batch, d, requires_grad=grad_keys)
         q_ids = torch.zeros(batch, dtype=torch.long)
-        gathered = torch.empty(batch_key_rows, d)
+        gathered = torch.empty(batch_key_rows, d, requires_grad=grad_keys)
         gathered_ids = torch.zeros(batch_key_rows, dtype=torch.long)
         queue = torch.empty(queue_rows, d, dtype=torch.bfloat16 if queue_dtype == "bfloat16" else torch.float32)
         queue_ids = torch.zeros(queue_rows, dtype=torch.long)
@@ -772,9 +773,13 @@ def loss_footprint(loss: str, learn_temperature: bool, embed_dim: int, batch: in
             live.watch()
             with _autocast(torch.bfloat16 if bf16 else None):
                 temperature = log_t.exp()
-                bank = torch.cat([gathered, queue.float()]) if batch_key_rows else queue.float()
-                ids = torch.cat([gathered_ids, queue_ids]) if batch_key_rows else queue_ids
-                out = fn(q, k, bank, temperature, q_ids, ids)
+                if not batch_key_rows:
+                    bank, ids = queue.float(), queue_ids
+                elif not queue_rows:
+                    bank, ids = gathered, gathered_ids
+                else:
+                    bank, ids = torch.cat([gathered, queue.float()]), torch.cat([gathered_ids, queue_ids])
+                out = fn(q, k, bank, temperature, q_ids, ids, grad_keys=grad_keys)
                 del bank, ids
             forward_peak = live.peak
             negatives = saved_hook.total(live.derived)
@@ -805,7 +810,7 @@ _LOSS_FIT_N = (512, 1024)
 
 @lru_cache(maxsize=64)
 def loss_model(loss: str, learn_temperature: bool, embed_dim: int, in_batch_negatives: bool,
-               queue_dtype: str, bf16: bool) -> dict[str, Bilinear]:
+               queue_dtype: str, bf16: bool, grad_keys: bool = False) -> dict[str, Bilinear]:
     """Each `LossFootprint` field as a bilinear function of (B, N), from 4 exact traces.
 
     Every tensor the loss holds is [B, N(+1)], [N, D], [B, D] or a scalar, so the saved
@@ -818,7 +823,7 @@ def loss_model(loss: str, learn_temperature: bool, embed_dim: int, in_batch_nega
     for b in (b1, b2):
         for n in (n1, n2):
             g = b if in_batch_negatives else 0  # gathered keys of a single rank
-            pts[b, n] = loss_footprint(loss, learn_temperature, embed_dim, b, n - g, g, queue_dtype, bf16)
+            pts[b, n] = loss_footprint(loss, learn_temperature, embed_dim, b, n - g, g, queue_dtype, bf16, grad_keys)
     out = {}
     for f in dataclasses.fields(LossFootprint):
         v = {bn: getattr(fp, f.name) for bn, fp in pts.items()}
@@ -943,9 +948,12 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
     inputs = {"inputs": b * (profile.image.input_bytes_per_sample + profile.text.input_bytes_per_sample)}
     # compute_keys: packed all-gather [W*B, 2D+2] fp32 (a view of the local cat when W=1,
     # plus the send buffer when W>1) and an int64 copy of the ids; each micro-batch's are
-    # held until the enqueue after the optimizer step. Local keys [B, D] x 2.
+    # held until the enqueue after the optimizer step. Local keys [B, D] x 2 (in the CLIP
+    # mode the keys are the queries, costed with the towers; the gathered rows get a
+    # gradient of their own size in backward).
+    clip = not m.momentum_encoder
     packed = wb * (2 * d + 2) * _F32 + wb * _I64 + (b * (2 * d + 2) * _F32 if w > 1 else 0)
-    gathered = {"gathered.keys": accum * packed + 2 * b * d * _F32}
+    gathered = {"gathered.keys": accum * packed + (0 if clip else 2 * b * d * _F32)}
     shuffle = 0
     if w > 1:
         for tower in (profile.image, profile.text):
@@ -955,9 +963,9 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
     g = wb if m.in_batch_negatives else 0
     bf16 = profile.precision == "bf16"
     if exact_loss:
-        lf = loss_footprint(m.loss, m.learn_temperature, d, b, k, g, cfg.queue.dtype, bf16)
+        lf = loss_footprint(m.loss, m.learn_temperature, d, b, k, g, cfg.queue.dtype, bf16, clip)
     else:
-        fit = loss_model(m.loss, m.learn_temperature, d, m.in_batch_negatives, cfg.queue.dtype, bf16)
+        fit = loss_model(m.loss, m.learn_temperature, d, m.in_batch_negatives, cfg.queue.dtype, bf16, clip)
         lf = LossFootprint(**{name: f.at(b, k + g) for name, f in fit.items()})
     img, txt = profile.image, profile.text
 
@@ -967,7 +975,7 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
         **weights, "grads": grads if accum > 1 else 0, "optimizer.adamw": 2 * grads, **ddp, **queues, **inputs,
         "activations.image": img.forward_live.at(b),
         "activations.text": txt.forward_live.at(b),
-        "key_forward.transient": max(img.no_grad_peak.at(b), txt.no_grad_peak.at(b)),
+        "key_forward.transient": 0 if clip else max(img.no_grad_peak.at(b), txt.no_grad_peak.at(b)),
         **gathered,
         "gathered.shuffle": shuffle,
         "loss.forward": 2 * lf.forward_peak,
@@ -1133,7 +1141,9 @@ def measure_step(cfg: Config, vocab_size: int, seed: int = 0) -> StepMeasurement
         "attention_mask": mask,
         "sample_id": torch.arange(b),
     }
-    towers = [*model.query.parameters(), *model.query.buffers(), *model.key.parameters(), *model.key.buffers()]
+    towers = [*model.query.parameters(), *model.query.buffers()]
+    if model.key is not None:
+        towers += [*model.key.parameters(), *model.key.buffers()]
     ignore = {_key(t) for t in (*towers, *model.buffers(), *batch.values())}
     saved = _SavedBytes(ignore)
     in_towers: set[int] = set()

@@ -11,6 +11,12 @@ One training step, per rank (B local pairs, W ranks, D = embed_dim):
     ... backward, optimizer step (the trainer) ...
     enqueue(K)                   # same gathered rows on every rank -> identical queues
 
+With `model.momentum_encoder: false` there are no key towers, no queues and no EMA: the
+keys are the other tower's own outputs, gathered WITH gradient (the CLIP objective):
+
+    K              = all_gather_with_grad(cat[q_img, q_txt, id])  # [W*B, 2D+2], ONE collective
+    loss_i2t = L(q_img, q_txt, K_txt, T);  loss_t2i = L(q_txt, q_img, K_img, T)
+
 Module layout, chosen for DDP: `query` (both query towers and the temperature) is the
 only trained module and the only thing the trainer wraps in DDP; `key` towers and the
 two queues sit beside it, so DDP never broadcasts them (with `broadcast_buffers`, DDP
@@ -123,8 +129,8 @@ class DualQueueMoCo(nn.Module):
         self.cfg = cfg
         image, text = build_towers(cfg, vocab_size)
         self.query = QueryTowers(image, text, cfg)
-        # Key towers start as exact copies of the query towers.
-        self.key = KeyTowers(copy.deepcopy(image), copy.deepcopy(text))
+        # Key towers start as exact copies of the query towers; none in the CLIP mode.
+        self.key = KeyTowers(copy.deepcopy(image), copy.deepcopy(text)) if cfg.momentum_encoder else None
         # A disabled queue is an empty one: the loss then sees in-batch negatives only.
         size = queue_cfg.size if queue_cfg.enabled else 0
         self.image_queue = FeatureQueue(size, cfg.embed_dim, queue_cfg.dtype)
@@ -133,9 +139,14 @@ class DualQueueMoCo(nn.Module):
         self.loss_fn = partial(loss, margin=cfg.margin) if cfg.loss != "infonce" else loss
         # BatchNorm key towers could cheat through batch statistics: shuffle their batch
         # across ranks (MoCo's Shuffle-BN). LayerNorm towers (ViT, BERT) need none.
-        self.shuffle_image = has_batchnorm(image)
-        self.shuffle_text = has_batchnorm(text)
+        self.shuffle_image = cfg.momentum_encoder and has_batchnorm(image)
+        self.shuffle_text = cfg.momentum_encoder and has_batchnorm(text)
         self._ema_cache = None
+
+    @property
+    def has_key_towers(self) -> bool:
+        """False in the CLIP mode (`model.momentum_encoder: false`)."""
+        return self.key is not None
 
     # --- momentum update -------------------------------------------------------------
 
@@ -166,6 +177,8 @@ class DualQueueMoCo(nn.Module):
         runs in train mode and normalises with batch statistics, so its running stats only
         matter at export, where the query tower's are the better estimate.
         """
+        if self.key is None:
+            return
         k_params, q_params, k_bufs, q_bufs = self._ema_lists()
         if k_params:
             # lerp: k + (1-m)(q-k) = m*k + (1-m)*q in one pass over the bytes (measured at
@@ -197,18 +210,16 @@ class DualQueueMoCo(nn.Module):
     @torch.no_grad()
     def compute_keys(self, image, input_ids, attention_mask, sample_id):
         """-> local (k_img, k_txt) [B,D] and gathered (K_img, K_txt) [W*B,D], ids [W*B]."""
+        if self.key is None:
+            raise RuntimeError("compute_keys: this model has no key towers (model.momentum_encoder is false)")
         shuffle = D.world_size() > 1 and (self.shuffle_image or self.shuffle_text)
         if not shuffle:
             k_img = self.key.image(image).float()
             k_txt = self.key.text(input_ids, attention_mask).float()
             # ONE collective for both modalities and the ids: the int64 ids ride along
             # bit-for-bit as two float32 columns.
-            ids_f = sample_id.to(torch.int64).contiguous().view(torch.float32).view(-1, 2)
-            packed = D.all_gather_cat(torch.cat([k_img, k_txt, ids_f], dim=1))
-            d = k_img.shape[1]
-            all_img, all_txt = packed[:, :d], packed[:, d:2 * d]
-            all_ids = packed[:, 2 * d:].contiguous().view(torch.int64).view(-1)
-            return k_img, k_txt, all_img, all_txt, all_ids
+            packed = D.all_gather_cat(_pack(k_img, k_txt, sample_id))
+            return (k_img, k_txt, *_unpack(packed, k_img.shape[1]))
         all_ids = D.all_gather_cat(sample_id.to(torch.int64))
         if self.shuffle_image:
             all_img = self._shuffled(self.key.image, (image,), all_ids)
@@ -228,29 +239,37 @@ class DualQueueMoCo(nn.Module):
         distributed; the queues are NOT changed here (call `enqueue` after backward)."""
         query = self.query if query is None else query
         q_img, q_txt, temperature = query(image, input_ids, attention_mask)
-        k_img, k_txt, all_img, all_txt, all_ids = self.compute_keys(image, input_ids, attention_mask, sample_id)
+        if self.key is None:
+            # CLIP mode: each tower's own outputs are the other's keys. The gather carries
+            # gradients, so every rank's loss trains the towers that produced its negatives.
+            k_img, k_txt = q_img, q_txt
+            all_img, all_txt, all_ids = _unpack(D.all_gather_cat_with_grad(_pack(q_img, q_txt, sample_id)),
+                                                q_img.shape[1])
+        else:
+            k_img, k_txt, all_img, all_txt, all_ids = self.compute_keys(image, input_ids, attention_mask, sample_id)
         neg_txt, neg_txt_ids = self._negatives(self.text_queue, all_txt, all_ids)
         neg_img, neg_img_ids = self._negatives(self.image_queue, all_img, all_ids)
         ids = sample_id.to(torch.int64)
-        loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, ids, neg_txt_ids)
-        loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, ids, neg_img_ids)
+        grad_keys = self.key is None
+        loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, ids, neg_txt_ids, grad_keys=grad_keys)
+        loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, ids, neg_img_ids, grad_keys=grad_keys)
         with torch.no_grad():
-            pos_sim = 0.5 * ((q_img.float() * k_txt).sum(1).mean() + (q_txt.float() * k_img).sum(1).mean())
+            pos_sim = 0.5 * ((q_img.float() * k_txt.float()).sum(1).mean() + (q_txt.float() * k_img.float()).sum(1).mean())
             # Mean similarity to the negatives is linear in them: q . mean(n).
             neg_sim = 0.5 * (_mean_sim(q_img, neg_txt) + _mean_sim(q_txt, neg_img))
         return StepOutput(
             loss=loss_i2t + loss_t2i, loss_i2t=loss_i2t, loss_t2i=loss_t2i,
-            temperature=temperature.detach(), keys_img=all_img, keys_txt=all_txt, key_ids=all_ids,
-            pos_sim=pos_sim, neg_sim=neg_sim,
+            temperature=temperature.detach(), keys_img=all_img.detach(), keys_txt=all_txt.detach(),
+            key_ids=all_ids, pos_sim=pos_sim, neg_sim=neg_sim,
         )
 
     def _negatives(self, queue: FeatureQueue, batch_keys: torch.Tensor, batch_ids: torch.Tensor):
         """[gathered batch keys ; written queue rows] (float32) and their ids."""
-        parts, ids = [queue.features.float()], [queue.ids]
-        if self.cfg.in_batch_negatives:
-            parts.insert(0, batch_keys)
-            ids.insert(0, batch_ids)
-        return torch.cat(parts), torch.cat(ids)
+        if not self.cfg.in_batch_negatives:
+            return queue.features.float(), queue.ids
+        if len(queue) == 0:  # no copy: in the CLIP mode the gathered rows carry gradients
+            return batch_keys, batch_ids
+        return torch.cat([batch_keys, queue.features.float()]), torch.cat([batch_ids, queue.ids])
 
     @torch.no_grad()
     def enqueue(self, out: StepOutput) -> None:
@@ -259,7 +278,20 @@ class DualQueueMoCo(nn.Module):
         self.text_queue.enqueue(out.keys_txt, out.key_ids)
 
 
+def _pack(img: torch.Tensor, txt: torch.Tensor, sample_id: torch.Tensor) -> torch.Tensor:
+    """[B, 2D+2] float32: both modalities and the int64 ids, bit-for-bit as two float32
+    columns, so that ONE collective gathers all three."""
+    ids_f = sample_id.to(torch.int64).contiguous().view(torch.float32).view(-1, 2)
+    return torch.cat([img.float(), txt.float(), ids_f], dim=1)
+
+
+def _unpack(packed: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `_pack` on gathered rows -> img [N, D], txt [N, D], ids [N] int64."""
+    ids = packed[:, 2 * d:].detach().contiguous().view(torch.int64).view(-1)
+    return packed[:, :d], packed[:, d:2 * d], ids
+
+
 def _mean_sim(q: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
     if negatives.shape[0] == 0:
         return torch.zeros((), device=q.device)
-    return (q.detach().float() @ negatives.mean(0)).mean()
+    return (q.detach().float() @ negatives.detach().float().mean(0)).mean()

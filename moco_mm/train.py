@@ -13,6 +13,10 @@ own gathered batch. Their gathered keys are enqueued after the optimizer step, i
 micro-batch order (and not at all when the step is skipped as non-finite). The
 temperature's gradient, like every other, is the mean of the A micro-batch gradients;
 the temperature is clamped once, after the optimizer step.
+
+With `model.momentum_encoder: false` (the CLIP objective) there is no EMA and no queue:
+each micro-batch's negatives are its own gathered batch, and its loss back-propagates
+through that gather into every rank's towers.
 """
 
 from __future__ import annotations
@@ -224,10 +228,16 @@ class Trainer:
         bad = [k for k, v in wanted.items() if k in own and own[k].shape != v.shape]
         if bad:
             raise SystemExit(f"checkpoint.init_weights: {path} has other shapes for {bad[:5]}")
-        missing = [k for k in own if k.startswith(("query.", "key.")) and k not in wanted]
-        self.model.load_state_dict({**own, **{k: v for k, v in wanted.items() if k in own}})
+        loaded = {k: v for k, v in wanted.items() if k in own}
+        if self.model.has_key_towers and not any(k.startswith("key.") for k in loaded):
+            # Weights from a CLIP-mode run (no key towers): the key towers start, as they
+            # always do, as exact copies of the query towers.
+            loaded.update({"key." + k[len("query."):]: v for k, v in loaded.items()
+                           if k.startswith("query.") and "key." + k[len("query."):] in own})
+        missing = [k for k in own if k.startswith(("query.", "key.")) and k not in loaded]
+        self.model.load_state_dict({**own, **loaded})
         if self.info.is_main:
-            log.info("loaded weights from %s (%d tensors; %d not in it, kept fresh)", path, len(wanted), len(missing))
+            log.info("loaded weights from %s (%d tensors; %d not in it, kept fresh)", path, len(loaded), len(missing))
 
     # --- data --------------------------------------------------------------------------
 
@@ -304,7 +314,7 @@ class Trainer:
             "loss_i2t": D.all_reduce_mean(stats.loss_i2t.reshape(1)).item(),
             "loss_t2i": D.all_reduce_mean(stats.loss_t2i.reshape(1)).item(),
             "lr": lr,
-            "momentum": m,
+            **({"momentum": m} if self.model.has_key_towers else {}),
             "temperature": self.model.query.temperature().item(),
             "grad_norm": float(grad_norm),
             "pos_sim": float(stats.pos_sim),

@@ -1,5 +1,6 @@
 """Two gloo processes under torchrun: one gather, identical queues and key towers, and the
-2-process loss equal to the single-process loss on the concatenated global batch."""
+2-process loss equal to the single-process loss on the concatenated global batch; in the
+CLIP mode, the 2-process training equal to one process training on the global batch."""
 
 import json
 import sys
@@ -65,3 +66,31 @@ def test_shuffle_bn_tower_keeps_ranks_identical(tmp_path):
     for name in compared:
         assert torch.equal(r0[name], r1[name]), name
     assert int(r0["image_queue.filled"]) == 10
+
+
+def test_clip_mode_two_processes_train_like_one_process_on_the_global_batch(tmp_path):
+    """The gather carries gradients: each rank's loss also trains the towers on the other
+    rank, and after DDP's averaging the update is that of the global batch's mean loss."""
+    torchrun(ROOT / "tests/scripts/dist_steps.py", "--out", str(tmp_path), "--steps", "3", "--clip")
+    r0 = load_file(tmp_path / "rank0_final.safetensors")
+    r1 = load_file(tmp_path / "rank1_final.safetensors")
+    assert not any(k.startswith("key.") for k in r0)
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    torch.manual_seed(0)
+    single = DualQueueMoCo(tiny_model_config(momentum_encoder=False), QueueConfig(enabled=False))
+    opt = torch.optim.SGD([p for p in single.query.parameters() if p.requires_grad], lr=0.5)
+    for step, want in enumerate(losses):
+        out = single(**tiny_batch(6, seed=step, first_id=step * 1000))
+        assert out.loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6), f"step {step}"
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        single.query.clamp_temperature()
+    moved = 0
+    for name, value in single.state_dict().items():
+        start = load_file(tmp_path / "step0_before.safetensors")[name]
+        assert torch.allclose(r0[name], value, rtol=1e-4, atol=1e-5), name
+        moved += not torch.equal(start, value)
+    assert moved > 10  # the comparison is between trained weights, not initial ones

@@ -112,3 +112,38 @@ def test_similarities_stay_float32_under_autocast():
         got = queue_infonce(q.float(), k.float(), negs.float(), 0.01)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def _ref_clip(img, txt, t):
+    """CLIP's symmetric loss in float64: mean CE over image rows + mean CE over text rows."""
+    logits = img @ txt.t() / t
+    target = torch.arange(img.shape[0])
+    return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+
+
+def test_grad_keys_gives_the_clip_loss_and_its_gradients():
+    """With grad_keys the keys and negatives are the other tower's outputs: the two
+    directions together are CLIP's loss, gradients through both sides included."""
+    img64, txt64 = _unit(7, 8, 20).requires_grad_(), _unit(7, 8, 21).requires_grad_()
+    t64 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    want = _ref_clip(img64, txt64, t64)
+    want.backward()
+    img, txt = img64.detach().float().requires_grad_(), txt64.detach().float().requires_grad_()
+    t = torch.tensor(0.1, requires_grad=True)
+    ids = torch.arange(7)
+    # In the model the gathered batch holds each row's own positive too: the id mask drops it.
+    got = (queue_infonce(img, txt, txt, t, ids, ids, grad_keys=True)
+           + queue_infonce(txt, img, img, t, ids, ids, grad_keys=True))
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(img.grad.double(), img64.grad, atol=1e-5)
+    assert torch.allclose(txt.grad.double(), txt64.grad, atol=1e-5)
+    assert t.grad.item() == pytest.approx(t64.grad.item(), rel=1e-4)
+
+
+def test_a_row_with_every_negative_masked_is_finite():
+    q = _unit(2, 8, 22).float().requires_grad_()
+    t = torch.tensor(0.07, requires_grad=True)
+    loss = queue_infonce(q, q.detach(), q.detach(), t, torch.tensor([0, 1]), torch.tensor([0, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(q.grad).all() and torch.isfinite(t.grad)

@@ -116,6 +116,50 @@ def test_in_batch_negatives_and_disabled_queue():
     assert torch.isfinite(out.loss) and out.loss.item() > 0
 
 
+def clip_model(seed: int = 7) -> DualQueueMoCo:
+    torch.manual_seed(seed)
+    return DualQueueMoCo(tiny_model_config(momentum_encoder=False), QueueConfig(enabled=False))
+
+
+def test_clip_mode_has_no_key_towers_queue_or_ema():
+    m = clip_model()
+    assert not m.has_key_towers and m.key is None
+    assert not any(k.startswith("key.") for k in m.state_dict())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.momentum_update(0.5)  # nothing to update
+    out = m(**tiny_batch(4, 8))
+    m.enqueue(out)
+    assert len(m.image_queue) == len(m.text_queue) == 0
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_clip_mode_loss_and_gradients_are_clips():
+    """Loss and every query-tower gradient equal CLIP's symmetric loss on the towers' own
+    outputs (no momentum keys, gradients through both sides of each similarity)."""
+    m = clip_model()
+    batch = tiny_batch(5, 9)
+    out = m(**batch)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in m.query.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    img, txt, t = m.query(batch["image"], batch["input_ids"], batch["attention_mask"])
+    logits = img @ txt.t() / t
+    target = torch.arange(5)
+    want = torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target)
+    want.backward()
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert got.keys() == {n for n, p in m.query.named_parameters() if p.grad is not None}
+    for n, p in m.query.named_parameters():
+        if p.grad is not None:
+            # float32 sums in another order: equal to ~1e-5 of the gradient's scale
+            assert (got[n] - p.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-7, n
+
+
+def test_clip_mode_with_a_queue_names_the_field():
+    with pytest.raises(ConfigError, match=r"model\.momentum_encoder"):
+        DualQueueMoCo(tiny_model_config(momentum_encoder=False), QueueConfig(size=8))
+
+
 def test_mean_pooling_ignores_padding():
     cfg = tiny_model_config()
     cfg.text.pooling = "mean"

@@ -193,12 +193,15 @@ def test_loss_fit_matches_an_exact_trace():
 # --- the tracing ---------------------------------------------------------------------
 
 
-def test_planner_matches_a_real_cpu_step_within_15_percent():
+@pytest.mark.parametrize("momentum_encoder", [True, False])
+def test_planner_matches_a_real_cpu_step_within_15_percent(momentum_encoder):
     """Validation: parameters + gradients + AdamW + saved activations of one real fp32
     step of DualQueueMoCo on the CPU (real tensors, full queues, padded captions) against
     the planner's figure for the same config (traced with fake tensors at batches 2 and 4,
-    extrapolated to 16)."""
-    cfg = tiny_config(batch=16, queue=64)
+    extrapolated to 16). Also in the CLIP mode: no key towers, no queue."""
+    cfg = tiny_config(batch=16, queue=64, enabled=momentum_encoder)
+    cfg.model.momentum_encoder = momentum_encoder
+    cfg.validate()
     plan = memory.plan(cfg, "a100-40gb", 1, vocab_size=VOCAB)
     measured = memory.measure_step(cfg, VOCAB)
     p = plan.phases["backward"]
@@ -208,6 +211,8 @@ def test_planner_matches_a_real_cpu_step_within_15_percent():
     assert p["activations.image"] + p["activations.text"] == pytest.approx(measured.saved_towers, rel=0.15)
     assert p["params.query"] + p["params.key"] == measured.params
     assert p["grads"] == measured.grads and p["optimizer.adamw"] == measured.optimizer
+    assert (p["params.key"] == 0) is (not momentum_encoder)
+    assert (plan.phases["forward"]["key_forward.transient"] == 0) is (not momentum_encoder)
 
 
 def _tiny_tower(kind: str, ckpt: bool):

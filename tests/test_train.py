@@ -47,6 +47,7 @@ def metrics(run_dir: Path) -> list[dict]:
     ("optim.warmup_steps=500", "optim.warmup_steps"),
     ("queue.size=8", "queue.size"),  # with in_batch_negatives off: smaller than a global batch
     ("checkpoint.keep=0", "checkpoint.keep"),
+    ("model.momentum_encoder=false", "model.momentum_encoder"),  # with the queue still on
     ("checkpoint.resume=/no/such/step_00000001", "checkpoint.resume"),
     ("checkpoint.init_weights=/no/such/dir", "checkpoint.init_weights"),
 ])
@@ -111,6 +112,29 @@ def test_incompatible_resume_is_refused_and_weights_only_loads(demo, tmp_path):
     run(train_cmd(write_config(fresh, tmp_path / "c.yaml")))
     tensors, state = CheckpointManager.load(tmp_path / "c" / "checkpoints" / "step_00000004")
     assert state["step"] == 4
+
+
+def test_clip_mode_trains_and_seeds_the_key_towers_of_a_momentum_run(demo, tmp_path):
+    """model.momentum_encoder false: no key towers, queue or momentum in the run; its
+    weights, loaded into a momentum run, become the key towers' start too."""
+    clip = tiny_train_config(demo, tmp_path / "clip", run={"steps": 4, "log_every": 1}, checkpoint={"every": 4},
+                             model={"momentum_encoder": False}, queue={"enabled": False})
+    run(train_cmd(write_config(clip, tmp_path / "clip.yaml")))
+    logged = [m for m in metrics(tmp_path / "clip") if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert all(FIELDS <= m.keys() and "momentum" not in m and m["queue_fill"] == 0 for m in logged)
+    ckpt = tmp_path / "clip" / "checkpoints" / "step_00000004"
+    clip_tensors, _ = CheckpointManager.load(ckpt)
+    assert clip_tensors and not any(k.startswith("key.") for k in clip_tensors)
+    # momentum 1.0: the key towers never move, so they must still hold the CLIP weights.
+    moco = tiny_train_config(demo, tmp_path / "moco", run={"steps": 4}, model={"momentum": 1.0},
+                             checkpoint={"every": 4, "resume": "none", "init_weights": str(ckpt)})
+    run(train_cmd(write_config(moco, tmp_path / "moco.yaml")))
+    tensors, _ = CheckpointManager.load(tmp_path / "moco" / "checkpoints" / "step_00000004")
+    keys = [k for k in tensors if k.startswith("key.")]
+    assert keys
+    for k in keys:
+        assert torch.equal(tensors[k], clip_tensors["query." + k[len("key."):]]), k
 
 
 # --- two processes ---------------------------------------------------------------------

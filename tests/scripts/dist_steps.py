@@ -1,4 +1,5 @@
-"""Run a few dual-queue steps under torchrun (gloo); dump what the test compares.
+"""Run a few dual-queue (or, with --clip, CLIP-mode) steps under torchrun (gloo); dump
+what the test compares.
 
 Writes OUT/rank{r}_final.safetensors (the whole model state), and from rank 0:
 OUT/step{s}_before.safetensors (model state before step s), OUT/losses.json
@@ -24,13 +25,15 @@ p.add_argument("--steps", type=int, default=4)
 p.add_argument("--batch", type=int, default=3)  # per rank
 p.add_argument("--queue", type=int, default=10)  # not a multiple of the global batch
 p.add_argument("--bn", action="store_true")
+p.add_argument("--clip", action="store_true", help="model.momentum_encoder false, no queue")
 args = p.parse_args()
 out_dir = Path(args.out)
 
 info = D.init_distributed("cpu")
 torch.manual_seed(0)  # identical initial weights on every rank
 cfg = tiny_bn_model_config() if args.bn else tiny_model_config()
-model = DualQueueMoCo(cfg, QueueConfig(size=args.queue))
+cfg.momentum_encoder = not args.clip
+model = DualQueueMoCo(cfg, QueueConfig(size=args.queue, enabled=not args.clip))
 query = DDP(model.query) if info.world_size > 1 else model.query
 opt = torch.optim.SGD([p for p in model.query.parameters() if p.requires_grad], lr=0.5)
 
