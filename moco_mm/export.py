@@ -263,7 +263,9 @@ def _tower_tensors(tensors: dict[str, torch.Tensor], towers: str, modality: str)
     prefix = f"{towers}.{modality}."
     out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not out:
-        raise ExportError(f"the checkpoint holds no {prefix}* tensors (towers={towers!r})")
+        hint = ("; a run with model.momentum_encoder: false (the CLIP mode) has no key towers: "
+                "export --towers query") if towers == "key" else ""
+        raise ExportError(f"the checkpoint holds no {prefix}* tensors (towers={towers!r}){hint}")
     return out
 
 

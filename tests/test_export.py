@@ -346,3 +346,33 @@ def test_batchnorm_key_tower_exports_with_running_stats(tokenizer, tmp_path):
     got = enc.image_features(x)
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
     assert torch.allclose(enc.image_features(x[:1]), got[:1], atol=1e-6, rtol=0)
+
+
+def test_clip_mode_run_exports_its_towers_and_refuses_key_towers(tokenizer, tmp_path):
+    """A model.momentum_encoder: false checkpoint holds only query towers: they export and
+    reload to the same embeddings; asking for key towers names the reason."""
+    from moco_mm.config import Config, QueueConfig, dump_config
+    from tests.tiny import tiny_batch, tiny_model_config
+
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    cfg = Config()
+    cfg.model = tiny_model_config(momentum_encoder=False)
+    cfg.model.text.tokenizer = str(tmp_path / "tok")
+    del cfg.model.text.overrides["vocab_size"]
+    cfg.queue = QueueConfig(enabled=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    model = DualQueueMoCo(cfg.model, cfg.queue, vocab_size=len(tokenizer))
+    CheckpointManager(run / "checkpoints").save(1, model.state_dict(), {"step": 1})
+
+    with pytest.raises(ex.ExportError, match="momentum_encoder"):
+        ex.export_encoders(tmp_path / "key", run_dir=run, towers="key")
+    assert not (tmp_path / "key").exists()
+    ex.export_encoders(tmp_path / "out", run_dir=run)
+    enc = Encoder.from_export(tmp_path / "out")
+    x = tiny_batch(3, 1)["image"]
+    with torch.no_grad():
+        want = model.query.eval().image(x)
+    assert torch.allclose(enc.image_features(x), want, atol=1e-6, rtol=0)
