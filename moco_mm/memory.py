@@ -749,8 +749,9 @@ def loss_footprint(loss: str, learn_temperature: bool, embed_dim: int, batch: in
 
     The bank is built as `DualQueueMoCo._negatives` builds it: `cat([gathered batch keys
     (float32); queue rows .float()])`. `grad_keys`: the CLIP mode, where the keys and
-    the gathered rows (the whole bank: there is no queue) carry gradients. Queries, positive keys, gathered keys and queue
-    storage are costed elsewhere and excluded here. ~0.1 s (fake tensors, any size).
+    the gathered rows (the whole bank: there is no queue) carry gradients. Queries,
+    positive keys, gathered keys and queue storage are costed elsewhere and excluded
+    here. ~0.1 s (fake tensors, any size).
     """
     from moco_mm.losses import LOSSES
 

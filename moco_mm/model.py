@@ -254,7 +254,8 @@ class DualQueueMoCo(nn.Module):
         loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, ids, neg_txt_ids, grad_keys=grad_keys)
         loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, ids, neg_img_ids, grad_keys=grad_keys)
         with torch.no_grad():
-            pos_sim = 0.5 * ((q_img.float() * k_txt.float()).sum(1).mean() + (q_txt.float() * k_img.float()).sum(1).mean())
+            pos_sim = 0.5 * (torch.linalg.vecdot(q_img.float(), k_txt.float()).mean()
+                             + torch.linalg.vecdot(q_txt.float(), k_img.float()).mean())
             # Mean similarity to the negatives is linear in them: q . mean(n).
             neg_sim = 0.5 * (_mean_sim(q_img, neg_txt) + _mean_sim(q_txt, neg_img))
         return StepOutput(

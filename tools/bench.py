@@ -629,7 +629,8 @@ def summarise(single: dict, dist: dict | None, loader: float | None) -> dict:
         # What scoring the queue adds (loss components, medians): the floor plus it is
         # everything the dual-queue algorithm must add to the CLIP step.
         "queue_loss_ms": 1e3 * (med(ct["loss_ours"]) - med(ct["loss_ours_batch"])),
-        "a_over_floor_with_queue_loss": med(t["a"]) / (med(e_plus_c) + med(ct["loss_ours"]) - med(ct["loss_ours_batch"])),
+        "a_over_floor_with_queue_loss": med(t["a"]) / (med(e_plus_c) + med(ct["loss_ours"])
+                                                        - med(ct["loss_ours_batch"])),
         "loss_ours_over_ref": paired_ratio(ct["loss_ours"], ct["loss_ref"]),
         "loss_ours_over_ref_ids": paired_ratio(ct["loss_ours"], ct["loss_ref_ids"]),
         "times_ms": {k: 1e3 * med(v) for k, v in {**t, **ct}.items()},
