@@ -747,13 +747,14 @@ def loss_footprint(loss: str, learn_temperature: bool, embed_dim: int, batch: in
                    batch_key_rows: int, queue_dtype: str, bf16: bool, grad_keys: bool = False) -> LossFootprint:
     """Trace `LOSSES[loss]` for one direction as `DualQueueMoCo.forward` calls it.
 
-    The bank is built as `DualQueueMoCo._negatives` builds it: `cat([gathered batch keys
+    The bank is built by the model's own `negative_bank`: `cat([gathered batch keys
     (float32); queue rows .float()])`. `grad_keys`: the CLIP mode, where the keys and
     the gathered rows (the whole bank: there is no queue) carry gradients. Queries,
     positive keys, gathered keys and queue storage are costed elsewhere and excluded
     here. ~0.1 s (fake tensors, any size).
     """
     from moco_mm.losses import LOSSES
+    from moco_mm.model import negative_bank
 
     fn = LOSSES[loss]
     d = embed_dim
@@ -774,12 +775,7 @@ def loss_footprint(loss: str, learn_temperature: bool, embed_dim: int, batch: in
             live.watch()
             with _autocast(torch.bfloat16 if bf16 else None):
                 temperature = log_t.exp()
-                if not batch_key_rows:
-                    bank, ids = queue.float(), queue_ids
-                elif not queue_rows:
-                    bank, ids = gathered, gathered_ids
-                else:
-                    bank, ids = torch.cat([gathered, queue.float()]), torch.cat([gathered_ids, queue_ids])
+                bank, ids = negative_bank(gathered, gathered_ids, queue, queue_ids, in_batch=batch_key_rows > 0)
                 out = fn(q, k, bank, temperature, q_ids, ids, grad_keys=grad_keys)
                 del bank, ids
             forward_peak = live.peak

@@ -266,17 +266,24 @@ class DualQueueMoCo(nn.Module):
 
     def _negatives(self, queue: FeatureQueue, batch_keys: torch.Tensor, batch_ids: torch.Tensor):
         """[gathered batch keys ; written queue rows] (float32) and their ids."""
-        if not self.cfg.in_batch_negatives:
-            return queue.features.float(), queue.ids
-        if len(queue) == 0:  # no copy: in the CLIP mode the gathered rows carry gradients
-            return batch_keys, batch_ids
-        return torch.cat([batch_keys, queue.features.float()]), torch.cat([batch_ids, queue.ids])
+        return negative_bank(batch_keys, batch_ids, queue.features, queue.ids, self.cfg.in_batch_negatives)
 
     @torch.no_grad()
     def enqueue(self, out: StepOutput) -> None:
         """Push the gathered keys: image keys -> image queue, text keys -> text queue."""
         self.image_queue.enqueue(out.keys_img, out.key_ids)
         self.text_queue.enqueue(out.keys_txt, out.key_ids)
+
+
+def negative_bank(batch_keys: torch.Tensor, batch_ids: torch.Tensor, queue_rows: torch.Tensor,
+                  queue_ids: torch.Tensor, in_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One direction's negatives [N, D] (float32) and ids [N]: the gathered batch keys
+    (when `in_batch`) followed by the queue rows. The memory planner traces this too."""
+    if not in_batch:
+        return queue_rows.float(), queue_ids
+    if queue_rows.shape[0] == 0:  # no copy: in the CLIP mode the gathered rows carry gradients
+        return batch_keys, batch_ids
+    return torch.cat([batch_keys, queue_rows.float()]), torch.cat([batch_ids, queue_ids])
 
 
 def _pack(img: torch.Tensor, txt: torch.Tensor, sample_id: torch.Tensor) -> torch.Tensor:

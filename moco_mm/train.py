@@ -232,8 +232,8 @@ class Trainer:
         if self.model.has_key_towers and not any(k.startswith("key.") for k in loaded):
             # Weights from a CLIP-mode run (no key towers): the key towers start, as they
             # always do, as exact copies of the query towers.
-            loaded.update({"key." + k[len("query."):]: v for k, v in loaded.items()
-                           if k.startswith("query.") and "key." + k[len("query."):] in own})
+            twins = {"key." + k.removeprefix("query."): v for k, v in loaded.items() if k.startswith("query.")}
+            loaded.update({k: v for k, v in twins.items() if k in own})
         missing = [k for k in own if k.startswith(("query.", "key.")) and k not in loaded]
         self.model.load_state_dict({**own, **loaded})
         if self.info.is_main:
