@@ -1,19 +1,20 @@
-# CUDA image for cluster use: the package and its pinned torch, torchrun as the entry.
+# CUDA image for cluster use: exactly the versions in requirements.lock, torchrun as the entry.
 #   docker build -t moco_mm .
 #   docker run --gpus all --ipc=host -v /data:/data -v /runs:/runs moco_mm \
 #       --nproc_per_node=8 -m moco_mm.train --config configs/a100-80gb-vitb16-bertbase.yaml \
 #       run.output_dir=/runs/vitb16
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev git \
+# The lock's torch is PyPI's CUDA build: it brings the CUDA runtime, cuDNN and NCCL as
+# nvidia-* wheels, so the base image needs only Python 3.11 (the lock's Python) and the
+# host only the NVIDIA driver and container toolkit.
+FROM python:3.11-slim-bookworm
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+RUN apt-get update && apt-get install -y --no-install-recommends git curl \
     && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /workspace/moco_mm
 # Dependencies first, so code edits do not reinstall torch.
-COPY pyproject.toml constraints.txt README.md ./
-COPY moco_mm/__init__.py moco_mm/__init__.py
-RUN pip install --upgrade pip && pip install -c constraints.txt -e ".[export,search]"
+COPY requirements.lock ./
+RUN pip install --upgrade pip && pip install -r requirements.lock
 COPY . .
+RUN pip install --no-deps -e . && pip check
 ENTRYPOINT ["torchrun"]
 CMD ["--help"]

@@ -1,5 +1,6 @@
-# Sourced by the launch scripts and .ci/run: create .venv when missing, install the
-# package with its pinned torch, and activate it. Idempotent and quick when up to date.
+# Sourced by the launch scripts and .ci/run: create .venv when missing, install exactly the
+# versions in requirements.lock (every extra), then this package without resolving again,
+# check the result with `pip check`, and activate it. Quick when up to date.
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
@@ -7,8 +8,10 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 stamp="$VENV/.moco_mm-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ requirements.lock -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     python -m pip install -q --upgrade pip
-    python -m pip install -q -c constraints.txt -e ".[dev,export,search,bench]"
+    python -m pip install -q -r requirements.lock
+    python -m pip install -q --no-deps -e .
+    python -m pip check
     touch "$stamp"
 fi

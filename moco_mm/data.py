@@ -83,7 +83,6 @@ import logging
 import math
 import os
 import random
-import re
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -95,10 +94,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
+from moco_mm.shard_io import expand_urls, is_meta, iter_members, open_url, split_name
+from moco_mm.shard_io import is_remote as _is_remote
+from moco_mm.shard_io import local_path as _local_path
 from moco_mm.shards import MANIFEST, ImageError, decode_image, to_rgb
 
 __all__ = [
@@ -111,8 +109,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 WARN_INTERVAL_S = 60.0
-# Member names webdataset treats as metadata and never hands out (same rule for counting).
-_META_RE = re.compile(r"__[^/]*__($|/)")
 _MASK64 = (1 << 64) - 1
 # Domain tags keep the streams derived from one seed independent of each other.
 _TAG_SHARDS, _TAG_SAMPLES, _TAG_AUGMENT, _TAG_CAPTION = 1, 2, 3, 4
@@ -139,19 +135,11 @@ def _mix(*values: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
-
-
-def _local_path(url: str) -> str:
-    return re.sub(r"^file:(//)?", "", url)
-
-
 @dataclass(frozen=True)
 class ShardSource:
     """An ordered shard list and, when known, the raw samples in each shard.
 
-    `urls` are local paths or anything webdataset's `gopen` opens (`pipe:cmd`, `file:`).
+    `urls` are local paths or anything `shard_io.open_url` opens (`pipe:cmd`, `file:`, http).
     `counts[i]` is the number of samples (member groups) in `urls[i]`; None when they are
     unknown (remote shards without a manifest): training then refuses to plan, eval works.
     """
@@ -247,20 +235,12 @@ def _read_manifest(path: Path) -> tuple[list[str], list[int] | None]:
     return urls, counts
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """Member name -> (sample key, lower-case extension); a name without a dot is its own key."""
-    key, ext = base_plus_ext(name)
-    if key is None:
-        return name, ""
-    return key, ext.lower()
-
-
 def _group(members: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, list[tuple[str, str, Any]]]]:
     """Consecutive members sharing a key form one sample: yields (key, [(name, ext, payload)])."""
     key: str | None = None
     items: list[tuple[str, str, Any]] = []
     for name, payload in members:
-        k, ext = _split_name(name)
+        k, ext = split_name(name)
         if items and k != key:
             yield key, items  # type: ignore[misc]
             items = []
@@ -274,7 +254,7 @@ def count_samples(path: str) -> int:
     """Samples in a local tar by reading its headers only (same grouping as the stream)."""
     try:
         with tarfile.open(_local_path(path), "r:*") as tar:
-            names = [m.name for m in tar if m.isreg() and not _META_RE.match(m.name)]
+            names = [m.name for m in tar if m.isreg() and not is_meta(m.name)]
     except (OSError, tarfile.TarError) as e:
         raise DataError(f"{path}: cannot read tar headers to count samples: {e}") from None
     return sum(1 for _ in _group((n, None) for n in names))
@@ -299,7 +279,7 @@ class RawSample:
 
 def iter_raw_samples(url: str, on_error: Callable[[str, BaseException], None] | None = None,
                      expected: int | None = None) -> Iterator[RawSample]:
-    """Stream the member groups of one shard (local path or gopen URL such as `pipe:`).
+    """Stream the member groups of one shard (local path or URL such as `pipe:`).
 
     A shard that breaks off (truncated tar, failing pipe) ends early; `on_error(url, exc)` is
     told (default: raise). Python's tarfile ends quietly at a corrupt header past the start,
@@ -312,15 +292,14 @@ def iter_raw_samples(url: str, on_error: Callable[[str, BaseException], None] | 
         on_error(url, exc)
 
     try:
-        stream = gopen(url, "rb")
+        stream = open_url(url)
     except (OSError, ValueError) as e:  # missing file, unopenable URL
         report(e)
         return
-    complete = False
     n = 0
+    closed = False
     try:
-        members = ((m["fname"], m["data"]) for m in tar_file_iterator(stream))
-        for key, items in _group(members):
+        for key, items in _group(iter_members(stream)):
             n += 1
             raw = RawSample(url, key, [n for n, _, _ in items], {})
             for name, ext, data in items:
@@ -331,17 +310,28 @@ def iter_raw_samples(url: str, on_error: Callable[[str, BaseException], None] | 
                 else:
                     raw.members[ext] = data
             yield raw
-        complete = True
-        if expected is not None and n < expected:
-            report(DataError(f"ended after {n} of its {expected} samples (corrupt tar header?)"))
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        report(e)
+        closed = True
+        # A failed command is the cause of the broken tar it produced: report its status.
+        report(_close(stream) or e)
+        return
     finally:
-        try:
-            stream.close()
-        except Exception as e:  # a pipe's exit status; only meaningful after a full read
-            if complete:
-                report(e)
+        if not closed:  # also when the consumer stops early: the pipe is then killed quietly
+            closed = True
+            failure = _close(stream)
+    if failure is not None:
+        report(failure)
+    elif expected is not None and n < expected:
+        report(DataError(f"ended after {n} of its {expected} samples (corrupt tar header?)"))
+
+
+def _close(stream) -> BaseException | None:
+    """Close a shard stream; a `pipe:` command's non-zero exit comes back as the error."""
+    try:
+        stream.close()
+    except OSError as e:
+        return e
+    return None
 
 
 def _shuffled(items: Iterable[RawSample], rng: random.Random, size: int) -> Iterator[RawSample]:
@@ -677,7 +667,7 @@ class _BadSampleLog:
 def _consecutive_bad_error(where: str, recent: Sequence[tuple[RawSample, str]], limit: int) -> DataError:
     shards = list(dict.fromkeys(r.url for r, _ in recent))
     names = [n for r, _ in list(recent)[-5:] for n in r.names][:12]
-    exts = sorted({_split_name(n)[1] or "<none>" for r, _ in recent for n in r.names})
+    exts = sorted({split_name(n)[1] or "<none>" for r, _ in recent for n in r.names})
     return DataError(
         f"{where}: {limit} consecutive samples yielded nothing; shard {shards[-1]} "
         f"(also {shards[:-1][-3:]}); member names seen: {names}; extensions seen: {exts}; "

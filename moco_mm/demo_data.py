@@ -57,7 +57,7 @@ CELLS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom
 RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 STAMP = "demo_build.json"
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 _SUPERSAMPLE = 4  # draw at 4x and reduce: anti-aliased edges without a blurry look
 
 
@@ -214,8 +214,8 @@ def train_tokenizer(captions: Sequence[str], out_dir: str | Path, *, vocab_size:
     its merges break ties in hash-map order, so two runs on the same captions give different
     vocabularies, and the demo must be byte-reproducible.
     """
-    from tokenizers import normalizers, pre_tokenizers
-    from transformers import BertTokenizer
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     normalizer = normalizers.BertNormalizer(lowercase=True)
     splitter = pre_tokenizers.BertPreTokenizer()
@@ -227,9 +227,18 @@ def train_tokenizer(captions: Sequence[str], out_dir: str | Path, *, vocab_size:
     budget = max(0, vocab_size - len(base))
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:budget]
     vocab = {t: i for i, t in enumerate([*base, *sorted(words)])}
-    # BertTokenizer rebuilds the standard BERT pipeline (normaliser, [CLS] x [SEP] template,
-    # WordPiece decoder) around the trained vocabulary.
-    hf = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
+    # The standard BERT pipeline (normaliser, pre-tokeniser, [CLS] x [SEP] template, WordPiece
+    # decoder) built with `tokenizers` itself: transformers' BertTokenizer constructors differ
+    # between 4.x (vocab_file) and 5.x (vocab dict), and 5.x ignores a vocab_file silently.
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = splitter
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                 sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out))

@@ -87,7 +87,9 @@ def build_timm_backbone(cfg: ImageTowerConfig) -> nn.Module:
         if not path.is_file():
             raise ConfigError(f"model.image.pretrained: weights file {pretrained!r} does not exist")
         create_kwargs["pretrained"] = True
-        create_kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        # custom_load: only .npz (JAX) files need a model's own loader; older timm releases
+        # would otherwise apply a ViT's npz loader to a .pth/.safetensors file.
+        create_kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=path.suffix == ".npz")
     else:
         create_kwargs["pretrained"] = bool(pretrained)
     try:
@@ -97,6 +99,11 @@ def build_timm_backbone(cfg: ImageTowerConfig) -> nn.Module:
         # (a ViT embed_dim that num_heads does not divide).
         raise ConfigError(f"model.image.kwargs: {cfg.name} rejected {kwargs}: {e!r}") from e
     if cfg.grad_checkpointing:
+        # Non-reentrant whatever TIMM_REENTRANT_CKPT says: reentrant checkpointing gives no
+        # gradient to trainable blocks after frozen ones (inputs without requires_grad).
+        from timm.layers import set_reentrant_ckpt
+
+        set_reentrant_ckpt(False)
         model.set_grad_checkpointing(True)
     if cfg.trainable_blocks >= 0:
         from timm.models import group_parameters
@@ -176,9 +183,14 @@ def build_hf_backbone(cfg: TextTowerConfig, vocab_size: int | None = None) -> nn
             )
         model = AutoModel.from_config(hf_config, add_pooling_layer=False)
     if cfg.grad_checkpointing:
-        # transformers 5 renamed the method; keep working with either.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        # Non-reentrant, explicitly: transformers 4.x defaults to reentrant checkpointing,
+        # which gives no gradient to trainable blocks after frozen ones. transformers 5
+        # renamed the method (the old name warns); keep working with either.
+        no_reentrant = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
     if cfg.trainable_blocks >= 0:
         layers = _hf_layers(model)
         groups = [list(getattr(model, "embeddings", nn.Module()).parameters())]

@@ -1,10 +1,11 @@
 """The memory planner (moco_mm.memory, tools/plan_memory.py).
 
 Fast on two CPU cores: tiny towers are traced with fake tensors in about a second; the
-shipped A100 configs are planned from tower profiles cached below (traced by the planner
-itself; their keys hash the tower config, precision, tracer version and library
-versions, so a changed config or library falls back to tracing) and one of them is
-re-traced here to prove the cache current.
+shipped A100 configs are planned from tower profiles kept in tests/data/tower_profiles.json
+(traced by the planner itself; keyed by what they depend on in our code and config, see
+tests/tower_profiles.py), and one test re-traces every shipped tower and compares the
+numbers, so a library release that changes what is saved fails it and one that does not
+passes.
 """
 
 from __future__ import annotations
@@ -20,80 +21,14 @@ import torch
 
 from moco_mm import memory
 from moco_mm.config import Config, QueueConfig, load_config
-from moco_mm.memory import GIB, Linear, TowerProfile
+from moco_mm.memory import GIB
+from tests import tower_profiles
 from tests.tiny import VOCAB, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("a100-*gb-*.yaml"))
 BATCH_PARTS = {"inputs", "activations.image", "activations.text", "backward.transient", "negatives",
                "logits", "logit_grads", "gathered.keys"}
-
-
-def _tower(saved, forward_live, backward_extra, no_grad_peak, **rest) -> TowerProfile:
-    return TowerProfile(saved=Linear(*saved), forward_live=Linear(*forward_live),
-                        backward_extra=Linear(*backward_extra), no_grad_peak=Linear(*no_grad_peak), **rest)
-
-
-# Tower profiles of the shipped configs as `memory.tower_profile` traced them
-# (regenerate: memory.tower_profile(...).to_dict() for each config's towers).
-CACHED_TOWERS = {
-    # a100-40gb-vitb16-bertbase.yaml:image, a100-80gb-vitb16-bertbase.yaml:image
-    '23bbb8a40167f04e5b7a': _tower(
-        saved=(171442176.0, 66421036.0), forward_live=(171610112.0, 66421548.0),
-        backward_extra=(14157320.0, 1815552.0), no_grad_peak=(4724736.0, 3933696.0),
-        input_bytes_per_sample=602112, has_batchnorm=False,
-        method='depth-extrapolated (1 run(s) of identical blocks, 12 blocks, traced at 2 each)',
-        weight_bytes=343982080, n_params=85995520, trainable_bytes=343982080, n_trainable=85995520),
-    # a100-40gb-vitb16-bertbase.yaml:text, a100-80gb-vitb16-bertbase.yaml:text
-    'd43f6b91fb5b00edf4b1': _tower(
-        saved=(170263040.0, 26495492.0), forward_live=(170429440.0, 26496004.0),
-        backward_extra=(93763592.0, 196608.0), no_grad_peak=(4724736.0, 1085440.0),
-        input_bytes_per_sample=1032, has_batchnorm=False,
-        method='depth-extrapolated (1 run(s) of identical blocks, 12 blocks, traced at 2 each)',
-        weight_bytes=436362240, n_params=109088512, trainable_bytes=436354048, n_trainable=109088512),
-    # a100-40gb-vitl14-bertlarge.yaml:image
-    '965f0ab0ab75199d7cca': _tower(
-        saved=(2252800.0, 26622988.0), forward_live=(606678016.0, 26624012.0),
-        backward_extra=(39809032.0, 10562640.0), no_grad_peak=(8396800.0, 6842368.0),
-        input_bytes_per_sample=602112, has_batchnorm=False,
-        method='depth-extrapolated (1 run(s) of identical blocks, 24 blocks, traced at 2 each)',
-        weight_bytes=1214814208, n_params=303703552, trainable_bytes=1214814208, n_trainable=303703552),
-    # a100-40gb-vitl14-bertlarge.yaml:text, a100-80gb-vitl14-bertlarge.yaml:text
-    '4678376e7a639b2590ad': _tower(
-        saved=(605028864.0, 70053380.0), forward_live=(605472256.0, 70054404.0),
-        backward_extra=(125018120.0, 262144.0), no_grad_peak=(8396800.0, 1445888.0),
-        input_bytes_per_sample=1032, has_batchnorm=False,
-        method='depth-extrapolated (1 run(s) of identical blocks, 24 blocks, traced at 2 each)',
-        weight_bytes=1338476544, n_params=334617088, trainable_bytes=1338468352, n_trainable=334617088),
-    # a100-40gb-wenlan-large.yaml:image
-    '2f4a8fa0283f07806b50': _tower(
-        saved=(29505152.0, 101439588.0), forward_live=(153187616.0, 101444708.0),
-        backward_extra=(23432.0, 155520800.0), no_grad_peak=(768.0, 86400000.0),
-        input_bytes_per_sample=4320000, has_batchnorm=True,
-        method='depth-extrapolated (7 run(s) of identical blocks, 3+6+6+9+9+12+3 blocks, traced at 2 each)',
-        weight_bytes=308841304, n_params=76899280, trainable_bytes=307597120, n_trainable=76899280),
-    # a100-40gb-wenlan-large.yaml:text, a100-80gb-wenlan-large.yaml:text
-    'ff2b15ab50f777bd6a86': _tower(
-        saved=(622330496.0, 87641732.0), forward_live=(622783104.0, 87646852.0),
-        backward_extra=(125018120.0, 327680.0), no_grad_peak=(11944960.0, 921600.0),
-        input_bytes_per_sample=1288, has_batchnorm=False,
-        method='depth-extrapolated (1 run(s) of identical blocks, 24 blocks, traced at 2 each)',
-        weight_bytes=1373097984, n_params=343272448, trainable_bytes=1373089792, n_trainable=343272448),
-    # a100-80gb-vitl14-bertlarge.yaml:image
-    'cf358c617dc4767af5ca': _tower(
-        saved=(606232576.0, 229229452.0), forward_live=(606678016.0, 229230476.0),
-        backward_extra=(25167880.0, 3158016.0), no_grad_peak=(8396800.0, 6842368.0),
-        input_bytes_per_sample=602112, has_batchnorm=False,
-        method='depth-extrapolated (1 run(s) of identical blocks, 24 blocks, traced at 2 each)',
-        weight_bytes=1214814208, n_params=303703552, trainable_bytes=1214814208, n_trainable=303703552),
-    # a100-80gb-wenlan-large.yaml:image
-    '94d8b0c4c153a5d93a47': _tower(
-        saved=(153641920.0, 1924611524.0), forward_live=(153798560.0, 1924616644.0),
-        backward_extra=(1544.0, 69120000.0), no_grad_peak=(768.0, 86400000.0),
-        input_bytes_per_sample=4320000, has_batchnorm=True,
-        method='depth-extrapolated (7 run(s) of identical blocks, 3+6+6+9+9+12+3 blocks, traced at 2 each)',
-        weight_bytes=308841304, n_params=76899280, trainable_bytes=307597120, n_trainable=76899280),
-}
 
 
 def tiny_config(batch: int = 8, queue: int = 64, precision: str = "fp32", **queue_kw) -> Config:
@@ -300,8 +235,8 @@ def _planner_line(path: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def cached_towers():
-    for key, profile in CACHED_TOWERS.items():
-        memory.register_tower_profile(key, profile)
+    for key, entry in tower_profiles.load()["towers"].items():
+        memory.register_tower_profile(key, entry["profile"])
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -324,25 +259,31 @@ def test_shipped_config_fits_its_gpu(name, cached_towers):
 
 def test_shipped_configs_use_only_cached_towers():
     """Every tower of a shipped config has a cache entry (else the test above traces)."""
+    cached = tower_profiles.load()["towers"]
     for name in SHIPPED:
         cfg = load_config(ROOT / "configs" / name)
         vocab, _ = memory.default_vocab_size(cfg)
         for kind in ("image", "text"):
             key = memory.tower_profile_key(kind, cfg.model, memory.autocast_dtype_for(cfg), vocab)
-            assert key in CACHED_TOWERS, f"{name} {kind}: regenerate CACHED_TOWERS"
+            assert key in cached, f"{name} {kind}: not in tests/data/tower_profiles.json; run python -m tests.tower_profiles"
 
 
-def test_cached_tower_profile_is_current():
-    """Re-trace the cheapest shipped tower (BERT-base, 64 tokens) and compare."""
-    cfg = load_config(ROOT / "configs" / "a100-40gb-vitb16-bertbase.yaml")
-    vocab, _ = memory.default_vocab_size(cfg)
-    dtype = memory.autocast_dtype_for(cfg)
-    key = memory.tower_profile_key("text", cfg.model, dtype, vocab)
-    memory._TOWERS.pop(key, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fresh = memory.tower_profile("text", cfg.model, dtype, vocab)
-    assert fresh == CACHED_TOWERS[key]
+def test_cached_tower_profiles_are_current():
+    """Re-trace every shipped tower with the installed libraries and compare the numbers
+    (not library versions) with the kept profiles."""
+    kept = tower_profiles.load()
+    fresh = tower_profiles.trace_shipped()
+    assert sorted(fresh) == sorted(kept["towers"]), "run python -m tests.tower_profiles"
+    changed = {}
+    for key, entry in fresh.items():
+        old = kept["towers"][key]["profile"]
+        diff = {f: (old[f], v) for f, v in entry["profile"].items() if old[f] != v}
+        if diff:
+            changed[", ".join(entry["used_by"])] = diff
+    assert not changed, (
+        f"traced numbers differ from tests/data/tower_profiles.json (kept: traced with {kept['traced_with']}; "
+        f"now: {tower_profiles.library_versions()}): {changed}. If the new numbers are right, run "
+        f"`python -m tests.tower_profiles`, re-plan the configs and commit both.")
 
 
 # --- the command line ----------------------------------------------------------------
