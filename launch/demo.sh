@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/_venv.sh
 
-python -m moco_mm.demo_data --out data/demo
+moco-mm demo-data --out data/demo
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # 2 ranks x 1 thread on a 2-core machine
 export TOKENIZERS_PARALLELISM=false
 torchrun --nproc_per_node="${NPROC:-2}" --master_port="${MASTER_PORT:-29517}" \

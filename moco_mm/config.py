@@ -9,7 +9,10 @@ the dotted key, so a typo stops the run before any model is built.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +20,12 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+
+# The file a checkpoint step directory gets last (moco_mm/train/checkpoint.py writes it):
+# a directory without it is incomplete. Here so that config validation can check
+# `checkpoint.resume` paths before any compute without importing the trainer.
+CHECKPOINT_MARKER = "COMPLETE"
 
 
 class ConfigError(ValueError):
@@ -28,138 +37,142 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its one-line help (shown by `moco-mm train --help`). Mutable
+    defaults (dict, list) are copied per instance."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"
-    steps: int = 1000  # total optimizer steps
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: bf16 autocast on CUDA, fp32 on the CPU.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-    log_every: int = 10
-    # Bounds every collective wait (eval, checkpoint barriers); a hung peer ends the run
-    # with an error instead of idling the cluster.
-    process_group_timeout_s: int = 1800
+    output_dir: str = opt("runs/default", "run directory: config.yaml, metrics.jsonl, checkpoints/")
+    steps: int = opt(1000, "total optimizer steps")
+    seed: int = opt(0, "seed of the initial weights, the data order and augmentation")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: CUDA when available (NCCL), else the CPU (gloo)")
+    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU")
+    compile: bool = opt(False, "torch.compile the query towers' forward")
+    log_every: int = opt(10, "steps between metrics.jsonl lines")
+    # A hung peer ends the run with an error instead of idling the cluster.
+    process_group_timeout_s: int = opt(1800, "bound of every collective wait (eval, checkpoint barriers), seconds")
 
 
 @dataclass
 class ImageTowerConfig:
-    name: str = "vit_tiny_patch16_224"  # any timm model name
-    pretrained: Union[bool, str] = False  # false | true (timm hub) | path to a weights file
-    image_size: int = 224
-    # Passed to timm.create_model: widths for models that take them (embed_dim, depth,
-    # num_heads for a ViT), drop_path_rate, ...
-    kwargs: dict = field(default_factory=dict)
-    trainable_blocks: int = -1  # -1: all; N: only the last N blocks (and the head)
-    grad_checkpointing: bool = False
+    name: str = opt("vit_tiny_patch16_224", "any timm model name")
+    pretrained: Union[bool, str] = opt(False, "false | true (timm hub weights) | path to a weights file")
+    image_size: int = opt(224, "input side in pixels (train crop and eval resize)")
+    kwargs: dict = opt({}, "passed to timm.create_model: embed_dim, depth, num_heads, drop_path_rate, ...")
+    trainable_blocks: int = opt(-1, "-1: train all; N: only the last N blocks (and the head)")
+    grad_checkpointing: bool = opt(False, "recompute block activations in backward (non-reentrant)")
 
 
 @dataclass
 class TextTowerConfig:
-    name: str = "bert-base-uncased"  # Hugging Face hub name or local directory
-    pretrained: bool = False  # false: build from the config with `overrides` (random init)
-    tokenizer: str = ""  # hub name or directory; empty: same as `name`
-    # Applied to the Hugging Face config: hidden_size, num_hidden_layers,
-    # num_attention_heads, intermediate_size, vocab_size, ...
-    overrides: dict = field(default_factory=dict)
-    pooling: Literal["cls", "mean"] = "cls"
-    max_length: int = 32
-    trainable_blocks: int = -1
-    grad_checkpointing: bool = False
+    name: str = opt("bert-base-uncased", "a Hugging Face model type (bert), a local directory or a hub name")
+    pretrained: bool = opt(False, "false: build from the config with `overrides` (random init)")
+    tokenizer: str = opt("", "tokenizer directory or hub name; empty: same as `name`")
+    overrides: dict = opt({}, "set on the HF config: hidden_size, num_hidden_layers, vocab_size, ...")
+    pooling: Literal["cls", "mean"] = opt("cls", "cls token, or mean over real (unpadded) tokens")
+    max_length: int = opt(32, "tokens per caption (padded and truncated to it)")
+    trainable_blocks: int = opt(-1, "-1: train all; N: only the last N blocks")
+    grad_checkpointing: bool = opt(False, "recompute block activations in backward (non-reentrant)")
 
 
 @dataclass
 class ModelConfig:
-    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
-    text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    embed_dim: int = 256
-    head: Literal["linear", "mlp"] = "linear"
-    head_hidden_dim: int = 0  # mlp only; 0: the tower's width
-    # false: no key towers, no EMA, no queue; keys are the other tower's own outputs,
-    # gathered with gradient (the CLIP objective). Needs queue.enabled: false.
-    momentum_encoder: bool = True
-    momentum: float = 0.995
-    # cosine: m rises from `momentum` to 1.0 over run.steps (MoCo v3 / BYOL).
-    momentum_schedule: Literal["constant", "cosine"] = "constant"
-    loss: Literal["infonce", "vse_max", "vse_sum"] = "infonce"
-    margin: float = 0.2  # vse_* losses only
-    temperature: float = 0.07
-    learn_temperature: bool = True
-    temperature_min: float = 0.01
-    temperature_max: float = 0.5
-    in_batch_negatives: bool = True
+    image: ImageTowerConfig = section(ImageTowerConfig, "the image tower")
+    text: TextTowerConfig = section(TextTowerConfig, "the text tower")
+    embed_dim: int = opt(256, "shared embedding dimension of both heads")
+    head: Literal["linear", "mlp"] = opt("linear", "projection head from a tower's width to embed_dim")
+    head_hidden_dim: int = opt(0, "mlp head only; 0: the tower's width")
+    momentum_encoder: bool = opt(True, "false: no key towers, no EMA, no queue: the CLIP objective "
+                                       "(needs queue.enabled: false)")
+    momentum: float = opt(0.995, "EMA coefficient m of key <- m*key + (1-m)*query")
+    momentum_schedule: Literal["constant", "cosine"] = opt("constant", "cosine: m rises to 1.0 over run.steps")
+    loss: Literal["infonce", "vse_max", "vse_sum"] = opt("infonce", "the objective, both directions")
+    margin: float = opt(0.2, "vse_* losses only: the hinge margin")
+    temperature: float = opt(0.07, "initial (or fixed) softmax temperature")
+    learn_temperature: bool = opt(True, "train the temperature (as a log), clamped after every step")
+    temperature_min: float = opt(0.01, "lower clamp of a learnt temperature")
+    temperature_max: float = opt(0.5, "upper clamp of a learnt temperature")
+    in_batch_negatives: bool = opt(True, "the gathered batch keys are negatives too, beside the queue")
 
 
 @dataclass
 class QueueConfig:
     # false: in-batch negatives only; with model.momentum_encoder false as well, this is
     # the CLIP objective (with momentum keys, MoCo v3's).
-    enabled: bool = True
-    size: int = 4096  # rows per modality
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    enabled: bool = opt(True, "false: no queues (in-batch negatives only)")
+    size: int = opt(4096, "rows per modality (any size; wrap-around writes)")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "storage type of the queued keys")
 
 
 @dataclass
 class DataConfig:
-    train: str = ""  # shard spec: manifest.json, brace pattern, directory, or pipe: URL
-    val: str = ""  # held-out shards for eval during training
-    batch_size: int = 32  # per rank, per micro-batch
-    workers: int = 2  # DataLoader workers per rank
-    shuffle_buffer: int = 1000
-    hflip: bool = False  # off by default: captions say "left" and "right"
-    crop_scale_min: float = 0.5
-    # The loader stops with an error naming the shard when this many consecutive
-    # samples yield nothing (e.g. unexpected member names), instead of hanging.
-    max_consecutive_bad: int = 1000
+    train: str = opt("", "training shards: manifest.json, directory, brace pattern or pipe: URLs ('::' joins)")
+    val: str = opt("", "held-out shards for eval during training")
+    batch_size: int = opt(32, "per rank, per micro-batch")
+    workers: int = opt(2, "DataLoader worker processes per rank")
+    shuffle_buffer: int = opt(1000, "raw samples in each reader's shuffle buffer")
+    hflip: bool = opt(False, "random horizontal flips (off: captions say left and right)")
+    crop_scale_min: float = opt(0.5, "smallest area fraction of the random resized crop")
+    # Instead of hanging when nothing matches (e.g. unexpected member names).
+    max_consecutive_bad: int = opt(1000, "consecutive samples that yield nothing before the loader stops "
+                                         "with an error naming the shard")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0  # 0 disables
-    accum_steps: int = 1
-    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens, the temperature)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.98, "AdamW beta2")
+    eps: float = opt(1e-6, "AdamW epsilon")
+    warmup_steps: int = opt(100, "linear warm-up steps, then cosine decay")
+    min_lr_ratio: float = opt(0.0, "the cosine decays to lr * min_lr_ratio")
+    grad_clip: float = opt(1.0, "max global gradient norm; 0 disables")
+    accum_steps: int = opt(1, "micro-batches per optimizer step")
+    max_bad_steps: int = opt(5, "consecutive non-finite steps before the run stops")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1000
-    keep: int = 2
-    resume: str = "auto"  # auto | none | path to a step directory
-    init_weights: str = ""  # load only model weights from this checkpoint into a new run
+    every: int = opt(1000, "steps between checkpoints")
+    keep: int = opt(2, "complete checkpoints kept (the newest may be half-written: keep >= 2)")
+    resume: str = opt("auto", "auto (newest complete checkpoint) | none | a step directory")
+    init_weights: str = opt("", "a step directory whose model weights start a new run")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # 0 disables eval during training
-    max_samples: int = 1000
+    every: int = opt(0, "steps between held-out evaluations; 0 disables")
+    max_samples: int = opt(1000, "held-out samples used")
 
 
 @dataclass
 class LoggingConfig:
-    wandb: Literal["disabled", "offline", "online"] = "disabled"
-    project: str = "moco_mm"
-    run_name: str = ""
-    progress: bool = True
+    wandb: Literal["disabled", "offline", "online"] = opt("disabled", "Weights & Biases logging")
+    project: str = opt("moco_mm", "wandb project")
+    run_name: str = opt("", "wandb run name; empty: wandb chooses one")
+    progress: bool = opt(True, "the rank-0 progress bar")
 
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    queue: QueueConfig = field(default_factory=QueueConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = section(RunConfig, "the run: directory, steps, seed, device, precision")
+    model: ModelConfig = section(ModelConfig, "towers, heads, momentum, objective, temperature")
+    queue: QueueConfig = section(QueueConfig, "the two negative queues")
+    data: DataConfig = section(DataConfig, "shards, batch, loader")
+    optim: OptimConfig = section(OptimConfig, "AdamW, schedule, clipping, accumulation")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "saving and resuming")
+    eval: EvalConfig = section(EvalConfig, "held-out retrieval during training")
+    logging: LoggingConfig = section(LoggingConfig, "wandb and the progress bar")
 
     def validate(self, world_size: int = 1) -> "Config":
         """Cross-field checks. Raises ConfigError naming the key; returns self."""
@@ -186,13 +199,11 @@ class Config:
             )
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.optim.min_lr_ratio}")
-        from moco_mm.checkpoint import MARKER_FILE  # the completion marker's name
-
         c = self.checkpoint
-        if c.resume not in ("auto", "none") and not (Path(c.resume) / MARKER_FILE).is_file():
+        if c.resume not in ("auto", "none") and not (Path(c.resume) / CHECKPOINT_MARKER).is_file():
             raise ConfigError(f"checkpoint.resume: auto, none, or a complete step directory; "
                               f"{c.resume!r} is none of these")
-        if c.init_weights and not (Path(c.init_weights) / MARKER_FILE).is_file():
+        if c.init_weights and not (Path(c.init_weights) / CHECKPOINT_MARKER).is_file():
             raise ConfigError(f"checkpoint.init_weights: {c.init_weights!r} is not a complete step directory")
         _positive("checkpoint.every", self.checkpoint.every)
         _positive("checkpoint.keep", self.checkpoint.keep)
@@ -266,20 +277,37 @@ def _non_negative(key: str, v: float) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 and people do: YAML 1.1 (PyYAML's
+    rule) needs a dot and a signed exponent, so `2e-3` and `1.0e5` would be strings."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as configs and overrides are read (see `_YamlLoader`)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 world_size: int = 1) -> Config:
     """Read YAML (or start from defaults), apply `a.b.c=value` overrides, validate."""
     raw: dict = {}
     if path is not None:
         text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        raw = parse_yaml(text) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        _set_dotted(raw, key.strip(), parse_yaml(value) if value.strip() else "")
     cfg = from_dict(Config, raw)
     return cfg.validate(world_size)
 
@@ -302,8 +330,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""
         raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key; allowed keys under "
+            f"{prefix}{unknown[0]}: unknown key; {hint}allowed keys under "
             f"'{prefix.rstrip('.') or '<root>'}': {', '.join(fields)}"
         )
     kwargs = {}
@@ -356,6 +386,52 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML; `load_config` reads it back to an equal Config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config; `load_config` reads it back to an equal Config."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
+
+
+# ---------------------------------------------------------------------------------------
+# Discoverability: every key with its type, default and help, from the dataclasses
+# ---------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def iter_keys(cls: type = None, prefix: str = "") -> typing.Iterator[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) of every leaf config key, in declaration order."""
+    cls = Config if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield f"{prefix}{f.name}", _type_name(tp), default, f.metadata.get("help", "")
+
+
+def describe_keys() -> str:
+    """Every config key as `key (type, default X): help`, grouped by section."""
+    lines, section_name = [], None
+    for key, tp, default, help_ in iter_keys():
+        top = key.split(".", 1)[0]
+        if top != section_name:
+            section_name = top
+            help_section = next(f.metadata.get("help", "") for f in dataclasses.fields(Config) if f.name == top)
+            lines.append(f"\n{top}: {help_section}")
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  {key} ({tp}; default {shown}): {help_}")
+    return "\n".join(lines).lstrip("\n")

@@ -19,7 +19,7 @@ def tokenizer(tmp_path_factory):
     """A WordPiece BERT tokenizer trained on CAPTION_WORDS, loaded with AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    from moco_mm.demo_data import train_tokenizer
+    from moco_mm.data.demo import train_tokenizer
 
     w = CAPTION_WORDS
     captions = [f"{w[i % 2]} {w[2 + i % 10]} {w[2 + (i // 10) % 10]}" for i in range(200)]

@@ -1,4 +1,4 @@
-"""Smoke test of tools/bench.py: the quick single-process run writes every ratio.
+"""Smoke test of `moco-mm bench`: the quick single-process run writes every ratio.
 
 Speed is not asserted: the figures depend on the machine and its load.
 """
@@ -19,7 +19,7 @@ def test_quick_bench_writes_positive_finite_ratios(tmp_path):
     pytest.importorskip("open_clip", reason="the bench compares against OpenCLIP: pip install -e .[bench]")
     out = tmp_path / "bench.json"
     # --no-dist: the 2-process part would double the run time; the loader figure stays in.
-    res = subprocess.run([sys.executable, str(ROOT / "tools/bench.py"), "--quick", "--no-dist", "--json", str(out)],
+    res = subprocess.run([sys.executable, "-m", "moco_mm.cli", "bench", "--quick", "--no-dist", "--json", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from moco_mm.checkpoint import (
+from moco_mm.train.checkpoint import (
     MARKER_FILE,
     MODEL_FILE,
     STATE_FILE,
@@ -342,7 +342,7 @@ _SUPERVISOR = r"""
 import os, sys
 from pathlib import Path
 import torch
-from moco_mm.checkpoint import CheckpointManager
+from moco_mm.train.checkpoint import CheckpointManager
 
 root = Path(sys.argv[1])
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from moco_mm import shards
+from moco_mm.data import make_shards as shards
 from moco_mm.data import (DataError, LoaderState, ShardSource, build_transforms, iter_eval_batches,
                           make_loader, steps_per_epoch)
 

@@ -9,7 +9,7 @@ import random
 from transformers import AutoTokenizer
 
 from moco_mm.data import ShardSource, build_transforms, make_loader
-from moco_mm.demo_data import COLOURS, SHAPES, DemoParams, build_demo, render_pair
+from moco_mm.data.demo import COLOURS, SHAPES, DemoParams, build_demo, render_pair
 
 SMALL = DemoParams(seed=3, n_train=48, n_val=16, image_size=32, train_shards=4, val_shards=2)
 

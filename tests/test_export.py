@@ -7,8 +7,8 @@ One short real training run on the demo shapes is shared with tests/test_search.
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import types
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -19,14 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moco_mm import export as ex
-from moco_mm.checkpoint import CheckpointManager
+from moco_mm.search import export as ex
+from moco_mm.train.checkpoint import CheckpointManager
 from moco_mm.config import load_config
 from moco_mm.data import build_transforms
-from moco_mm.encoders import load_tokenizer
+from moco_mm.model import load_tokenizer
 from moco_mm.model import DualQueueMoCo
 from moco_mm.search import Encoder, iter_items
-from tests.trainrun import ROOT, build_demo, run, tiny_train_config, train_cmd, write_config
+from tests.trainrun import build_demo, run, tiny_train_config, train_cmd, write_config
 
 STEPS = 64
 
@@ -75,11 +75,10 @@ def query_export(tmp_path_factory) -> Path:
 
 
 def tool(name: str):
-    """Import tools/NAME.py (a script, not a package module) to call its main() in-process."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The program `moco-mm NAME` (NAME with "_" for "-"), called in-process: `.main(argv)`."""
+    from moco_mm.cli import main
+
+    return types.SimpleNamespace(main=lambda argv: main([name.replace("_", "-"), *argv]))
 
 
 @pytest.fixture(scope="module")

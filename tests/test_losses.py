@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moco_mm.losses import queue_infonce, vse_max, vse_sum
+from moco_mm.model.losses import queue_infonce, vse_max, vse_sum
 
 
 def _unit(n, d, seed):

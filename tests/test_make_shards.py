@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moco_mm import shards
+from moco_mm.data import make_shards as shards
 
 REPO = Path(__file__).resolve().parents[1]
 

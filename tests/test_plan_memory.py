@@ -1,4 +1,4 @@
-"""The memory planner (moco_mm.memory, tools/plan_memory.py).
+"""The memory planner (moco_mm.plan, `moco-mm plan-memory`).
 
 Fast on two CPU cores: tiny towers are traced with fake tensors in about a second; the
 shipped A100 configs are planned from tower profiles kept in tests/data/tower_profiles.json
@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco_mm import memory
+from moco_mm import plan as memory
+from moco_mm.plan import trace
 from moco_mm.config import Config, QueueConfig, load_config
-from moco_mm.memory import GIB
+from moco_mm.plan import GIB
 from tests import tower_profiles
 from tests.tiny import VOCAB, tiny_model_config
 
@@ -153,7 +154,7 @@ def test_planner_matches_a_real_cpu_step_within_15_percent(momentum_encoder):
 def _tiny_tower(kind: str, ckpt: bool):
     """A 3-block tower (the shortest run that is extrapolated) and its inputs."""
     from moco_mm.config import ImageTowerConfig, TextTowerConfig
-    from moco_mm.encoders import ImageTower, TextTower
+    from moco_mm.model import ImageTower, TextTower
 
     with torch.device("meta"):
         if kind == "text":
@@ -173,10 +174,10 @@ def _tiny_tower(kind: str, ckpt: bool):
 @pytest.mark.parametrize("kind,ckpt", [("image", False), ("text", True)])
 def test_depth_extrapolation_equals_a_full_trace(kind, ckpt):
     tower, inputs = _tiny_tower(kind, ckpt)
-    with memory._fake_mode():
+    with trace._fake_mode():
         tower = tower.to_empty(device="cpu")
-        short, method = memory._profile_fake_tower(tower, inputs, torch.bfloat16, depth_extrapolation=True)
-        full, _ = memory._profile_fake_tower(tower, inputs, torch.bfloat16, depth_extrapolation=False)
+        short, method = trace._profile_fake_tower(tower, inputs, torch.bfloat16, depth_extrapolation=True)
+        full, _ = trace._profile_fake_tower(tower, inputs, torch.bfloat16, depth_extrapolation=False)
     assert "3 blocks" in method
     assert short == full
 
@@ -199,7 +200,7 @@ def test_fast_outputs_match_the_fake_implementation():
             return tuple(x.shape), x.dtype, x.stride()
         return [meta(y) for y in x] if isinstance(x, (tuple, list)) else x
 
-    with memory._fake_mode():
+    with trace._fake_mode():
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.empty(2, 8, 5, 5, dtype=dtype)
             w, b, rm, rv = (torch.empty(8) for _ in range(4))
@@ -212,7 +213,7 @@ def test_fast_outputs_match_the_fake_implementation():
                 cases += [(aten.silu_backward.default, (torch.empty_like(x), x)),
                           (aten.sigmoid_backward.default, (torch.empty_like(x), x))]
                 for func, args in cases:
-                    assert meta(memory._fast_outputs(func, args, {})) == meta(func(*args)), func
+                    assert meta(trace._fast_outputs(func, args, {})) == meta(func(*args)), func
 
 
 def test_attention_dropout_is_traced_as_cuda_fused_attention():
@@ -292,7 +293,7 @@ def test_cached_tower_profiles_are_current():
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     import yaml
 
-    from tools.plan_memory import main
+    from moco_mm.plan.cli import main
 
     cfg = tiny_config()
     raw = {"model": dataclasses.asdict(cfg.model), "queue": dataclasses.asdict(cfg.queue),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moco_mm.queue import FeatureQueue
+from moco_mm.model import FeatureQueue
 
 
 def _rows(q):

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from moco_mm.data import DataError, iter_raw_samples
-from moco_mm.shard_io import expand_urls, iter_members, open_url, split_name
+from moco_mm.data.shard_io import expand_urls, iter_members, open_url, split_name
 from tests.test_data import make_shard_dir, members_for, write_tar
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moco_mm.checkpoint import CheckpointManager
+from moco_mm.train.checkpoint import CheckpointManager
 from moco_mm.config import ConfigError, load_config
 from tests.trainrun import (ROOT, build_demo, env, free_port, run, run_and_kill, tiny_train_config, train_cmd,
                             write_config)

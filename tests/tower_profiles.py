@@ -29,7 +29,8 @@ def shipped_configs() -> list[Path]:
 def trace_shipped() -> dict[str, dict]:
     """{key: {"used_by": ["CONFIG:kind", ...], "profile": TowerProfile.to_dict()}} for every
     distinct tower of the shipped configs, traced now (about 20 s on 2 cores)."""
-    from moco_mm import memory
+    from moco_mm import plan as memory
+    from moco_mm.plan import profiles
     from moco_mm.config import load_config
 
     out: dict[str, dict] = {}
@@ -40,7 +41,7 @@ def trace_shipped() -> dict[str, dict]:
         for kind in ("image", "text"):
             key = memory.tower_profile_key(kind, cfg.model, dtype, vocab)
             if key not in out:
-                memory._TOWERS.pop(key, None)  # trace, do not reuse a registered profile
+                profiles._TOWERS.pop(key, None)  # trace, do not reuse a registered profile
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     profile = memory.tower_profile(kind, cfg.model, dtype, vocab)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_demo(out: Path) -> Path:
     """A small demo dataset (32 px, 512 train / 64 held-out pairs) and its tokenizer."""
-    subprocess.run([sys.executable, "-m", "moco_mm.demo_data", "--out", str(out), "--train", "512",
+    subprocess.run([sys.executable, "-m", "moco_mm.cli", "demo-data", "--out", str(out), "--train", "512",
                     "--val", "64", "--image-size", "32", "--train-shards", "8", "--val-shards", "2"],
                    check=True, cwd=ROOT, capture_output=True)
     return out

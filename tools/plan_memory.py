@@ -1,68 +1,8 @@
-"""Will this config fit the GPU? Peak memory per GPU of one training step, before any run.
+"""`python tools/plan_memory.py ARGS` is `moco-mm plan-memory ARGS` (kept for existing command lines)."""
 
-    python tools/plan_memory.py --config configs/a100-40gb-vitb16-bertbase.yaml --gpu a100-40gb \
-        [--world-size 8] [--json plan.json] [--vocab-size N] [--full-trace] [a.b.c=value ...]
-
-Prints each part of the peak (weights, gradients, AdamW, DDP buckets, queues, traced
-activations, logits, gathered keys), the margin, the verdict, the largest per-GPU batch
-and the largest queue that fit. Exit status 0 when the config fits, 1 when it does not,
-2 on a bad config. Nothing is downloaded and no GPU is needed: the towers are traced
-with fake tensors (see `moco_mm.memory`).
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-import warnings
-from pathlib import Path
 
-try:
-    from moco_mm import memory
-    from moco_mm.config import ConfigError, load_config
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from moco_mm import memory
-    from moco_mm.config import ConfigError, load_config
+from moco_mm.cli import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML config (as for python -m moco_mm.train)")
-    ap.add_argument("--gpu", required=True, choices=sorted(memory.GPUS), help="the GPU to plan for")
-    ap.add_argument("--world-size", type=int, default=8,
-                    help="ranks in the run (default 8, one node): the global batch and DDP buckets depend on it")
-    ap.add_argument("--json", metavar="OUT", help="also write the plan as JSON here")
-    ap.add_argument("--vocab-size", type=int, default=None,
-                    help="text vocabulary (default: the tokenizer's if found, else the model type's default)")
-    ap.add_argument("--full-trace", action="store_true",
-                    help="trace every block instead of extrapolating runs of identical blocks (slower)")
-    ap.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
-    args = ap.parse_args(argv)
-    if args.world_size < 1:
-        ap.error(f"--world-size must be >= 1, got {args.world_size}")
-    try:
-        cfg = load_config(args.config, args.overrides, world_size=args.world_size)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    with warnings.catch_warnings():
-        # timm/transformers warn about things irrelevant to memory (deprecated kwargs).
-        warnings.simplefilter("ignore")
-        try:
-            result = memory.plan(cfg, args.gpu, args.world_size, vocab_size=args.vocab_size,
-                                 depth_extrapolation=not args.full_trace)
-        except ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
-    print(result.table())
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"config": str(args.config), **result.to_dict()}, indent=2) + "\n")
-    return 0 if result.fits else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # guarded: worker processes re-import this file
+    sys.exit(main(["plan-memory", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """Loader throughput (read + decode + augment + tokenise + batch) on the demo shards.
 
-    python tools/bench_loader.py [--data data/demo] [--workers 0,1,2] [--batch-size 64] [--batches 48]
+    moco-mm bench-loader [--data data/demo] [--workers 0,1,2] [--batch-size 64] [--batches 48]
 
 Builds the demo dataset first if `--data` holds no complete build (a few seconds). For each
 worker count it prints samples/s over the whole epoch slice (worker start-up included) and
@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
-
-try:
-    import moco_mm  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="moco-mm bench-loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="data/demo", help="demo folder (built if missing)")
     ap.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -36,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from moco_mm.data import ShardSource, build_transforms, make_loader
-    from moco_mm.demo_data import DemoParams, build_demo
+    from moco_mm.data.demo import DemoParams, build_demo
 
     paths = build_demo(args.data)
     image_size = DemoParams().image_size
@@ -66,6 +59,3 @@ def main(argv: list[str] | None = None) -> int:
               f"{steady / max(workers, 1):8.0f} samples/s per worker")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

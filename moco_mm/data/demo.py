@@ -1,6 +1,6 @@
 """A procedural image-caption dataset and a local tokenizer: the demo needs no download.
 
-    python -m moco_mm.demo_data --out data/demo [--seed 0 --train 4096 --val 512 ...]
+    moco-mm demo-data --out data/demo [--seed 0 --train 4096 --val 512 ...]
 
 Each image (default 64x64) shows one or two shapes (circle, square, triangle, star, cross,
 diamond) in one of six colours, small or large, placed in the cells of a 2x2 grid on a light
@@ -12,7 +12,7 @@ so image->text and text->image retrieval are learnable by a tiny model on the CP
 measurable on the held-out split. With `captions_per_image=2` every image carries both
 phrasings (exercising the loader's per-epoch caption choice).
 
-Output layout (all written by the `moco_mm.shards` library):
+Output layout (all written by `moco_mm.data.make_shards`):
     OUT/train/      shard-*.tar + manifest.json, sample_id 0 .. n_train-1
     OUT/val/        shard-*.tar + manifest.json, sample_id n_train .. n_train+n_val-1 (disjoint)
     OUT/tokenizer/  a WordPiece tokenizer whose vocabulary is learned from the train captions,
@@ -28,7 +28,6 @@ shards (exactly `shards` when it divides n).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -41,7 +40,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from moco_mm import shards
+from moco_mm.data import make_shards as shards
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS = {
@@ -214,7 +213,14 @@ def train_tokenizer(captions: Sequence[str], out_dir: str | Path, *, vocab_size:
     its merges break ties in hash-map order, so two runs on the same captions give different
     vocabularies, and the demo must be byte-reproducible.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -291,30 +297,3 @@ def build_demo(out: str | Path, params: DemoParams | None = None, *, force: bool
     stamp_tmp.write_text(json.dumps(_stamp_payload(p), indent=1) + "\n", encoding="utf-8")
     stamp_tmp.replace(root / STAMP)
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    d = DemoParams()
-    ap = argparse.ArgumentParser(description="Build the procedural demo dataset and tokenizer.")
-    ap.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--train", type=int, default=d.n_train, help="train pairs")
-    ap.add_argument("--val", type=int, default=d.n_val, help="held-out pairs")
-    ap.add_argument("--image-size", type=int, default=d.image_size)
-    ap.add_argument("--train-shards", type=int, default=d.train_shards)
-    ap.add_argument("--val-shards", type=int, default=d.val_shards)
-    ap.add_argument("--captions-per-image", type=int, default=d.captions_per_image, choices=(1, 2))
-    ap.add_argument("--workers", type=int, default=0, help="make_shards encoder processes")
-    ap.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
-    args = ap.parse_args(argv)
-    params = DemoParams(seed=args.seed, n_train=args.train, n_val=args.val, image_size=args.image_size,
-                        train_shards=args.train_shards, val_shards=args.val_shards,
-                        captions_per_image=args.captions_per_image)
-    paths = build_demo(args.out, params, force=args.force, workers=args.workers, progress=True)
-    verb = "built" if paths.built else "already complete, kept"
-    print(f"demo_data: {verb}: train={paths.train} val={paths.val} tokenizer={paths.tokenizer}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

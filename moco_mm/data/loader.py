@@ -78,44 +78,32 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
-import math
 import os
 import random
-import tarfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
-from moco_mm.shard_io import expand_urls, is_meta, iter_members, open_url, split_name
-from moco_mm.shard_io import is_remote as _is_remote
-from moco_mm.shard_io import local_path as _local_path
-from moco_mm.shards import MANIFEST, ImageError, decode_image, to_rgb
+
+from moco_mm.data.samples import RawSample, _BadSample, decode_sample, iter_raw_samples
+from moco_mm.data.shard_io import split_name
+from moco_mm.data.sources import DataError, ShardSource
+from moco_mm.data.transforms import ImageTransform
 
 __all__ = [
-    "DataError", "ShardSource", "ImageTransform", "build_transforms", "EpochPlan", "plan_epoch",
-    "steps_per_epoch", "LoaderState", "EpochLoader", "make_loader", "iter_eval_batches",
-    "RawSample", "iter_raw_samples", "count_samples",
+    "EpochPlan", "plan_epoch", "steps_per_epoch", "LoaderState", "EpochLoader", "make_loader",
+    "iter_eval_batches", "choose_caption",
 ]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 WARN_INTERVAL_S = 60.0
 _MASK64 = (1 << 64) - 1
 # Domain tags keep the streams derived from one seed independent of each other.
 _TAG_SHARDS, _TAG_SAMPLES, _TAG_AUGMENT, _TAG_CAPTION = 1, 2, 3, 4
-
-
-class DataError(RuntimeError):
-    """The data cannot produce the requested stream; the message names the shard or setting."""
 
 
 def _mix(*values: int) -> int:
@@ -128,210 +116,6 @@ def _mix(*values: int) -> int:
         h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
         h ^= h >> 31
     return h
-
-
-# ---------------------------------------------------------------------------------------
-# Shard lists
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardSource:
-    """An ordered shard list and, when known, the raw samples in each shard.
-
-    `urls` are local paths or anything `shard_io.open_url` opens (`pipe:cmd`, `file:`, http).
-    `counts[i]` is the number of samples (member groups) in `urls[i]`; None when they are
-    unknown (remote shards without a manifest): training then refuses to plan, eval works.
-    """
-
-    urls: tuple[str, ...]
-    counts: tuple[int, ...] | None = None
-
-    @classmethod
-    def from_spec(cls, spec: str | Path | Sequence[str | Path]) -> "ShardSource":
-        """Resolve a spec. Accepted (several may be joined with '::' or given as a list):
-        a `manifest.json` (or any .json manifest), a directory (its manifest.json, else its
-        `*.tar` files, counted by reading tar headers), local paths or brace patterns
-        (`data/shard-{000000..000099}.tar`, counted by reading headers), and `pipe:` URLs
-        (no counts unless listed in a manifest: a manifest's `shards` may hold pipe: URLs).
-        """
-        parts: list[str] = []
-        if isinstance(spec, (str, Path)):
-            parts = [p for p in str(spec).split("::") if p]
-        else:
-            parts = [str(p) for p in spec]
-        if not parts:
-            raise DataError("empty shard spec: give a manifest.json, a directory, a brace pattern or pipe: URLs")
-        urls: list[str] = []
-        counts: list[int] | None = []
-        for part in parts:
-            u, c = _resolve_part(part)
-            urls.extend(u)
-            counts = None if counts is None or c is None else counts + list(c)
-        if not urls:
-            raise DataError(f"shard spec {spec!r} names no shards")
-        return cls(tuple(urls), tuple(counts) if counts is not None else None)
-
-    def __len__(self) -> int:
-        return len(self.urls)
-
-    @property
-    def total_samples(self) -> int | None:
-        return sum(self.counts) if self.counts is not None else None
-
-    def require_counts(self) -> tuple[int, ...]:
-        if self.counts is None:
-            remote = next((u for u in self.urls if _is_remote(u)), self.urls[0])
-            raise DataError(
-                f"no per-shard sample counts for {remote!r} (and {len(self.urls) - 1} more): training needs "
-                f"them to give every rank the same number of steps. Write a manifest.json whose 'shards' "
-                f"lists these URLs and 'shard_samples' their sample counts (make_shards writes one) and "
-                f"pass the manifest's path as the shard spec")
-        return self.counts
-
-
-def _resolve_part(part: str) -> tuple[list[str], list[int] | None]:
-    if not _is_remote(part):
-        p = Path(_local_path(part))
-        if p.is_dir():
-            if (p / MANIFEST).is_file():
-                return _read_manifest(p / MANIFEST)
-            tars = sorted(str(t) for t in p.glob("*.tar"))
-            if not tars:
-                raise DataError(f"{p}: directory holds neither {MANIFEST} nor *.tar shards")
-            return tars, [count_samples(t) for t in tars]
-        if p.suffix == ".json" and p.is_file():
-            return _read_manifest(p)
-    urls = expand_urls(part)  # braces; '::' was split above
-    if all(not _is_remote(u) for u in urls):
-        missing = [u for u in urls if not Path(_local_path(u)).is_file()]
-        if missing:
-            raise DataError(f"shard spec {part!r}: {len(missing)} file(s) missing, e.g. {missing[0]}")
-        return urls, [count_samples(u) for u in urls]
-    return urls, None
-
-
-def _read_manifest(path: Path) -> tuple[list[str], list[int] | None]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable manifest: {e}") from None
-    shards = data.get("shards") if isinstance(data, dict) else None
-    if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
-        raise DataError(f"{path}: 'shards' must be a list of shard file names or URLs")
-    urls = [s if _is_remote(s) or os.path.isabs(s) else str(path.parent / s) for s in shards]
-    missing = [u for u in urls if not _is_remote(u) and not Path(_local_path(u)).is_file()]
-    if missing:
-        raise DataError(f"{path}: {len(missing)} listed shard(s) missing, e.g. {missing[0]}")
-    counts = data.get("shard_samples")
-    if counts is None:
-        if any(_is_remote(u) for u in urls):
-            return urls, None
-        return urls, [count_samples(u) for u in urls]
-    if (not isinstance(counts, list) or len(counts) != len(urls)
-            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
-        raise DataError(f"{path}: 'shard_samples' must list one non-negative int per shard "
-                        f"({len(urls)} shards)")
-    return urls, counts
-
-
-def _group(members: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, list[tuple[str, str, Any]]]]:
-    """Consecutive members sharing a key form one sample: yields (key, [(name, ext, payload)])."""
-    key: str | None = None
-    items: list[tuple[str, str, Any]] = []
-    for name, payload in members:
-        k, ext = split_name(name)
-        if items and k != key:
-            yield key, items  # type: ignore[misc]
-            items = []
-        key = k
-        items.append((name, ext, payload))
-    if items:
-        yield key, items  # type: ignore[misc]
-
-
-def count_samples(path: str) -> int:
-    """Samples in a local tar by reading its headers only (same grouping as the stream)."""
-    try:
-        with tarfile.open(_local_path(path), "r:*") as tar:
-            names = [m.name for m in tar if m.isreg() and not is_meta(m.name)]
-    except (OSError, tarfile.TarError) as e:
-        raise DataError(f"{path}: cannot read tar headers to count samples: {e}") from None
-    return sum(1 for _ in _group((n, None) for n in names))
-
-
-# ---------------------------------------------------------------------------------------
-# Raw samples: undecoded member bytes
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class RawSample:
-    """One member group of a shard, undecoded. `members` maps extension -> bytes; `names`
-    are the member names as stored; `problem` is set when the grouping itself is wrong."""
-
-    url: str
-    key: str
-    names: list[str]
-    members: dict[str, bytes]
-    problem: str | None = None
-
-
-def iter_raw_samples(url: str, on_error: Callable[[str, BaseException], None] | None = None,
-                     expected: int | None = None) -> Iterator[RawSample]:
-    """Stream the member groups of one shard (local path or URL such as `pipe:`).
-
-    A shard that breaks off (truncated tar, failing pipe) ends early; `on_error(url, exc)` is
-    told (default: raise). Python's tarfile ends quietly at a corrupt header past the start,
-    so a shard yielding fewer than `expected` samples (its manifest count) is reported too.
-    The output is a pure function of the shard's bytes.
-    """
-    def report(exc: BaseException) -> None:
-        if on_error is None:
-            raise DataError(f"{url}: unreadable shard: {exc}") from exc
-        on_error(url, exc)
-
-    try:
-        stream = open_url(url)
-    except (OSError, ValueError) as e:  # missing file, unopenable URL
-        report(e)
-        return
-    n = 0
-    closed = False
-    try:
-        for key, items in _group(iter_members(stream)):
-            n += 1
-            raw = RawSample(url, key, [n for n, _, _ in items], {})
-            for name, ext, data in items:
-                if not ext:
-                    raw.problem = f"member {name!r} has no extension (expected KEY.EXT)"
-                elif ext in raw.members:
-                    raw.problem = f"duplicate member {name!r}"
-                else:
-                    raw.members[ext] = data
-            yield raw
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        closed = True
-        # A failed command is the cause of the broken tar it produced: report its status.
-        report(_close(stream) or e)
-        return
-    finally:
-        if not closed:  # also when the consumer stops early: the pipe is then killed quietly
-            closed = True
-            failure = _close(stream)
-    if failure is not None:
-        report(failure)
-    elif expected is not None and n < expected:
-        report(DataError(f"ended after {n} of its {expected} samples (corrupt tar header?)"))
-
-
-def _close(stream) -> BaseException | None:
-    """Close a shard stream; a `pipe:` command's non-zero exit comes back as the error."""
-    try:
-        stream.close()
-    except OSError as e:
-        return e
-    return None
 
 
 def _shuffled(items: Iterable[RawSample], rng: random.Random, size: int) -> Iterator[RawSample]:
@@ -379,160 +163,11 @@ def _reader_stream(urls: Sequence[str], counts: Sequence[int], rng: random.Rando
                             f"(empty tars, only directories/metadata, or unreadable){detail}")
 
 
-# ---------------------------------------------------------------------------------------
-# Decoding
-# ---------------------------------------------------------------------------------------
-
-
-class _BadSample(Exception):
-    pass
-
-
-@dataclass
-class Decoded:
-    sample_id: int
-    captions: list[str]
-    image: Image.Image
-
-
-def decode_sample(raw: RawSample) -> Decoded:
-    """Raw member bytes -> (sample_id, captions, RGB image). Raises _BadSample(reason)."""
-    if raw.problem:
-        raise _BadSample(raw.problem)
-    img_ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
-    if img_ext is None:
-        raise _BadSample(f"no image member (expected KEY.{'/'.join(IMAGE_EXTS[:4])})")
-    sample_id, captions = _decode_meta(raw)
-    try:
-        image = to_rgb(decode_image(raw.members[img_ext]))
-    except ImageError as e:
-        raise _BadSample(f"{raw.key}.{img_ext}: {e}") from None
-    except Exception as e:  # mode conversion of an odd image
-        raise _BadSample(f"{raw.key}.{img_ext}: {type(e).__name__}: {e}") from None
-    return Decoded(sample_id, captions, image)
-
-
-def _decode_meta(raw: RawSample) -> tuple[int, list[str]]:
-    sample_id: int | None = None
-    captions: list | None = None
-    if "json" in raw.members:
-        try:
-            meta = json.loads(raw.members["json"].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise _BadSample(f"{raw.key}.json: not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise _BadSample(f"{raw.key}.json: expected an object")
-        sid = meta.get("sample_id")
-        if sid is not None:
-            if not isinstance(sid, int) or isinstance(sid, bool):
-                raise _BadSample(f"{raw.key}.json: 'sample_id' must be an integer, got {sid!r}")
-            sample_id = sid
-        caps = meta.get("captions")
-        if caps is not None:
-            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-                raise _BadSample(f"{raw.key}.json: 'captions' must be a list of strings")
-            captions = caps
-    if sample_id is None:
-        tail = raw.key.rsplit("/", 1)[-1]
-        if not tail.isdigit():
-            raise _BadSample(f"{raw.key}: no sample_id (KEY.json has none and the key is not an integer)")
-        sample_id = int(tail)
-    if captions is None:
-        if "txt" not in raw.members:
-            raise _BadSample(f"{raw.key}: no caption (neither KEY.json 'captions' nor KEY.txt)")
-        try:
-            captions = [raw.members["txt"].decode("utf-8")]
-        except UnicodeDecodeError:
-            raise _BadSample(f"{raw.key}.txt: caption is not valid UTF-8") from None
-    captions = [c.strip() for c in captions if c.strip()]
-    if not captions:
-        raise _BadSample(f"{raw.key}: empty caption")
-    return sample_id, captions
-
-
 def choose_caption(captions: Sequence[str], *, caption_seed: int, epoch: int, sample_id: int) -> str:
     """One caption per image per epoch, a pure function of (caption_seed, epoch, sample_id)."""
     if len(captions) == 1:
         return captions[0]
     return captions[_mix(caption_seed, epoch, sample_id, _TAG_CAPTION) % len(captions)]
-
-
-# ---------------------------------------------------------------------------------------
-# Transforms
-# ---------------------------------------------------------------------------------------
-
-
-class ImageTransform:
-    """RGB PIL image -> float32 tensor [3, image_size, image_size], normalised by (mean, std).
-
-    train: random resized crop (area fraction in [crop_scale_min, 1], aspect in [3/4, 4/3])
-    and, if `hflip`, a horizontal flip with p=0.5; the draws come from the `generator`
-    argument (required), never from torch's global RNG.
-    eval: resize the short side to image_size, center crop (deterministic; generator ignored).
-    """
-
-    _RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool,
-                 crop_scale_min: float = 0.5, hflip: bool = False):
-        if image_size <= 0:
-            raise ValueError(f"image_size must be > 0, got {image_size}")
-        if not 0.0 < crop_scale_min <= 1.0:
-            raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
-        self.image_size = image_size
-        self.mean = [float(m) for m in mean]
-        self.std = [float(s) for s in std]
-        self.train = train
-        self.crop_scale_min = crop_scale_min
-        self.hflip = hflip
-        self._eval = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = F.to_image(image)  # uint8 [3, H, W]
-        if self.train:
-            if generator is None:
-                raise ValueError("the train transform needs a torch.Generator (no global RNG)")
-            top, left, h, w = self._crop_box(x.shape[-2], x.shape[-1], generator)
-            x = F.resized_crop(x, top, left, h, w, [self.image_size, self.image_size], antialias=True)
-            if self.hflip and torch.rand((), generator=generator).item() < 0.5:
-                x = F.horizontal_flip(x)
-        else:
-            x = self._eval(x)
-        x = F.to_dtype(x, torch.float32, scale=True)
-        x = F.normalize(x, self.mean, self.std)
-        return x.as_subclass(torch.Tensor)
-
-    def _crop_box(self, height: int, width: int, g: torch.Generator) -> tuple[int, int, int, int]:
-        """(top, left, h, w) of a box covering a random area fraction and aspect ratio."""
-        area = height * width
-        log_lo, log_hi = math.log(self._RATIO[0]), math.log(self._RATIO[1])
-        for _ in range(10):
-            u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
-            target = area * (self.crop_scale_min + (1.0 - self.crop_scale_min) * u[0])
-            aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
-            w = round(math.sqrt(target * aspect))
-            h = round(math.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, (1,), generator=g))
-                left = int(torch.randint(0, width - w + 1, (1,), generator=g))
-                return top, left, h, w
-        # No fit in 10 tries (extreme aspect): the largest centred box within the ratio range.
-        ratio = width / height
-        if ratio < self._RATIO[0]:
-            w, h = width, round(width / self._RATIO[0])
-        elif ratio > self._RATIO[1]:
-            w, h = round(height * self._RATIO[1]), height
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
-
-
-def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool,
-                     crop_scale_min: float = 0.5, hflip: bool = False) -> ImageTransform:
-    """The image transform; mean/std are the image tower's (e.g. timm's pretrained_cfg)."""
-    return ImageTransform(image_size, mean, std, train=train, crop_scale_min=crop_scale_min, hflip=hflip)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Raw image-caption pairs -> webdataset shards (the library behind `tools/make_shards.py`).
+"""Raw image-caption pairs -> webdataset shards (`moco-mm make-shards`).
 
 Inputs (`read_rows`):
   * CSV / TSV with a header holding `image` and `caption` columns (other columns ignored);

@@ -36,9 +36,9 @@ from torch import nn
 
 from moco_mm import distributed as D
 from moco_mm.config import ModelConfig, QueueConfig, validate_model, validate_queue
-from moco_mm.encoders import ImageTower, TextTower, build_towers, has_batchnorm
-from moco_mm.losses import LOSSES
-from moco_mm.queue import FeatureQueue
+from moco_mm.model.towers import ImageTower, TextTower, build_towers, has_batchnorm
+from moco_mm.model.losses import LOSSES
+from moco_mm.model.queue import FeatureQueue
 
 
 def momentum_at(step: int, total_steps: int, m0: float, schedule: str = "constant") -> float:
@@ -182,7 +182,7 @@ class DualQueueMoCo(nn.Module):
         k_params, q_params, k_bufs, q_bufs = self._ema_lists()
         if k_params:
             # lerp: k + (1-m)(q-k) = m*k + (1-m)*q in one pass over the bytes (measured at
-            # half the time of mul_ + add_ by tools/bench.py).
+            # half the time of mul_ + add_ by moco-mm bench).
             torch._foreach_lerp_(k_params, q_params, 1.0 - m)
         if k_bufs:
             torch._foreach_copy_(k_bufs, q_bufs)

@@ -43,9 +43,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from moco_mm.checkpoint import CheckpointError, CheckpointManager
 from moco_mm.config import ConfigError, ImageTowerConfig, TextTowerConfig, load_config
-from moco_mm.encoders import ImageTower, TextTower, _takes_img_size, build_towers, load_tokenizer
+from moco_mm.model.towers import ImageTower, TextTower, _takes_img_size, build_towers, load_tokenizer
+from moco_mm.train.checkpoint import CheckpointError, CheckpointManager
 
 FORMAT = "moco_mm.export/1"
 MANIFEST = "manifest.json"

@@ -60,6 +60,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from moco_mm.config import CHECKPOINT_MARKER
+
 __all__ = [
     "MARKER_FILE",
     "MODEL_FILE",
@@ -73,7 +75,7 @@ __all__ = [
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
-MARKER_FILE = "COMPLETE"
+MARKER_FILE = CHECKPOINT_MARKER
 _FORMAT = 1
 _STEP_RE = re.compile(r"step_(\d{8,})")
 # Hidden working names: ".<kind>-step_NNNNNNNN-<pid>". The leading dot keeps them out of

@@ -1,4 +1,4 @@
-"""The training program: `python -m moco_mm.train --config configs/NAME.yaml [a.b=value ...]`.
+"""The Trainer: the training loop of `moco-mm train` / `python -m moco_mm.train` (see cli.py).
 
 The same line runs a single process or, under `torchrun`, many processes on one or many
 nodes. `Trainer` owns everything stateful (model, optimizer, data position, counters) and
@@ -21,11 +21,9 @@ through that gather into every rank's towers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +32,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moco_mm import distributed as D
-from moco_mm.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
-from moco_mm.config import Config, ConfigError, dump_config, load_config, to_dict
+from moco_mm.config import Config, ConfigError, dump_config, to_dict
 from moco_mm.data import LoaderState, ShardSource, build_transforms, iter_eval_batches, make_loader, steps_per_epoch
-from moco_mm.encoders import load_tokenizer
 from moco_mm.metrics import format_table, retrieval_metrics
-from moco_mm.model import DualQueueMoCo, momentum_at
-from moco_mm.run_log import MetricsLog, ProgressBar, WandbLogger
+from moco_mm.model import DualQueueMoCo, load_tokenizer, momentum_at
+from moco_mm.train.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
+from moco_mm.train.run_log import MetricsLog, ProgressBar, WandbLogger
 
 log = logging.getLogger("moco_mm.train")
 
@@ -429,32 +426,3 @@ def _first_difference(old, new, prefix: str):
                 return d
         return None
     return None if old == new else (prefix, old, new)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m moco_mm.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. run.steps=100")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        # Validated before any process group, model or data loader exists.
-        cfg = load_config(args.config, args.overrides, world_size=D.launcher_world_size())
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    info = D.init_distributed(cfg.run.device, cfg.run.process_group_timeout_s)
-    if not info.is_main:
-        logging.getLogger().setLevel(logging.WARNING)  # other ranks stay quiet
-    try:
-        Trainer(cfg, info).train()
-    finally:
-        D.shutdown()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,12 @@
+"""Benchmarks: figures are ratios against a baseline timed in the same run, never asserted
+in tests (tests check only that the programs run and report every figure).
+
+    step.py        `moco-mm bench`: our step against OpenCLIP and the MoCo/ALBEF style
+    systems.py     the systems compared, on the same towers and batch
+    components.py  the step's parts against their twins (EMA, queue loss)
+    timing.py      interleaved rounds, medians, paired ratios
+    loader.py      `moco-mm bench-loader`: loader samples/s by worker count
+
+Imports: the base modules, `moco_mm.model`, `moco_mm.data`, `moco_mm.train` and itself;
+never plan, search or cli. tests/test_layout.py checks this.
+"""

@@ -1,0 +1,57 @@
+"""`moco-mm <command> [args]`: the one entry point for every program.
+
+Each command is a `main(argv) -> int` in the package of its concern, imported only when
+run (so `moco-mm --help` is quick). `python -m moco_mm.train` still runs `moco-mm train`.
+Nothing imports this module (tests/test_layout.py checks).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+
+# name -> (module:function, one line for the command list)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("moco_mm.train.cli:main", "pretrain or fine-tune (same line under torchrun); --help lists every config key"),
+    "demo-data": ("moco_mm.data.cli:demo_data_main", "build the procedural demo shards and tokenizer"),
+    "make-shards": ("moco_mm.data.cli:make_shards_main", "CSV/TSV/JSONL/image folder -> webdataset shards + manifest"),
+    "plan-memory": ("moco_mm.plan.cli:main", "will this config fit the GPU? peak memory per part, largest batch"),
+    "export": ("moco_mm.search.cli:export_main", "a run's towers -> a self-contained export (+ verified ONNX)"),
+    "search": ("moco_mm.search.cli:search_main", "build a FAISS index of a corpus, or query one"),
+    "eval-retrieval": ("moco_mm.search.cli:eval_retrieval_main", "R@1/5/10 and median rank of an export, both ways"),
+    "bench": ("moco_mm.bench.step:main", "our step against OpenCLIP and the MoCo/ALBEF style (ratios)"),
+    "bench-loader": ("moco_mm.bench.loader:main", "loader samples/s by worker count"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: moco-mm <command> [args]   (moco-mm <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"moco-mm {version('moco-mm')}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        print(f"moco-mm: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name][0].split(":")
+    rc = getattr(importlib.import_module(module), func)(argv[1:])
+    return 0 if rc is None else int(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Raw image-caption pairs -> shards -> manifests -> exact, resumable batches; the demo set.
+
+Read top to bottom, the data path is:
+
+    make_shards.py  CSV/TSV/JSONL/image folder -> webdataset tars + manifest.json
+    shard_io.py     URL patterns, opening local/pipe:/http(s) shards, tar members
+    sources.py      a shard spec -> ShardSource (URLs + samples per shard)
+    samples.py      tar members -> RawSample -> decoded (sample_id, captions, image)
+    transforms.py   image -> normalised tensor (random draws from a given generator)
+    loader.py       the epoch plan, the exact resumable training stream, the eval stream
+    demo.py         the procedural demo set and its locally trained tokenizer
+
+Imports: this package uses only the base modules (config, distributed, metrics) and
+itself. It never imports `moco_mm.model` (its sibling) or anything above it (train, plan,
+search, bench, cli); tests/test_layout.py checks this.
+"""
+
+from moco_mm.data.loader import (
+                                 EpochLoader,
+                                 EpochPlan,
+                                 LoaderState,
+                                 choose_caption,
+                                 iter_eval_batches,
+                                 make_loader,
+                                 plan_epoch,
+                                 steps_per_epoch,
+)
+from moco_mm.data.samples import Decoded, RawSample, decode_sample, iter_raw_samples
+from moco_mm.data.sources import DataError, ShardSource, count_samples
+from moco_mm.data.transforms import ImageTransform, build_transforms
+
+__all__ = [
+    "DataError", "ShardSource", "count_samples", "RawSample", "iter_raw_samples", "Decoded", "decode_sample",
+    "ImageTransform", "build_transforms", "EpochPlan", "plan_epoch", "steps_per_epoch", "LoaderState",
+    "EpochLoader", "make_loader", "iter_eval_batches", "choose_caption",
+]

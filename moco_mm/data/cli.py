@@ -1,0 +1,87 @@
+"""The data programs: `moco-mm make-shards` and `moco-mm demo-data` (argument parsing and
+printing only; the work is in make_shards.py and demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from moco_mm.data import demo
+from moco_mm.data import make_shards as shards
+
+MAKE_SHARDS_USAGE = """Write webdataset shards from a CSV/TSV, a JSONL file or a folder of images + .txt captions.
+
+    moco-mm make-shards INPUT --out DIR [--samples-per-shard 1000] [--max-shard-bytes 1G]
+        [--max-size 512] [--workers 8] [--id-offset 0] [--overwrite] [--no-progress]
+
+Bad rows are skipped and listed in DIR/manifest.json (`skipped_rows`); the exit status is 0
+unless the input as a whole is unusable (2)."""
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'1000', '500M', '1G', '2.5g' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in _UNITS else ""
+    number = t[: len(t) - len(unit)]
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 1000000, 500M, 1G)") from None
+
+
+def make_shards_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moco-mm make-shards", description=MAKE_SHARDS_USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", help="CSV/TSV (columns image, caption), JSONL (image, caption) or a folder")
+    ap.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json")
+    ap.add_argument("--samples-per-shard", type=int, default=1000, help="0: no count limit")
+    ap.add_argument("--max-shard-bytes", type=parse_bytes, default=0, help="e.g. 1G; 0: no size limit")
+    ap.add_argument("--max-size", type=int, default=0, help="shrink the long side to this many pixels; 0: keep")
+    ap.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="encoder processes; 0: encode in this process")
+    ap.add_argument("--id-offset", type=int, default=0, help="sample_id of the first row (disjoint splits)")
+    ap.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        manifest = shards.make_shards(
+            args.input, args.out,
+            samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+            max_size=args.max_size, jpeg_quality=args.jpeg_quality, workers=args.workers,
+            id_offset=args.id_offset, progress=not args.no_progress, overwrite=args.overwrite,
+        )
+    except (shards.InputError, FileExistsError, ValueError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    print(f"make_shards: wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to "
+          f"{args.out}; skipped {manifest['skipped']} (reasons in {Path(args.out) / shards.MANIFEST})")
+    return 0
+
+
+def demo_data_main(argv: list[str] | None = None) -> int:
+    d = demo.DemoParams()
+    ap = argparse.ArgumentParser(prog="moco-mm demo-data", description="Build the procedural demo dataset and tokenizer.")
+    ap.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--train", type=int, default=d.n_train, help="train pairs")
+    ap.add_argument("--val", type=int, default=d.n_val, help="held-out pairs")
+    ap.add_argument("--image-size", type=int, default=d.image_size)
+    ap.add_argument("--train-shards", type=int, default=d.train_shards)
+    ap.add_argument("--val-shards", type=int, default=d.val_shards)
+    ap.add_argument("--captions-per-image", type=int, default=d.captions_per_image, choices=(1, 2))
+    ap.add_argument("--workers", type=int, default=0, help="make_shards encoder processes")
+    ap.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    args = ap.parse_args(argv)
+    params = demo.DemoParams(seed=args.seed, n_train=args.train, n_val=args.val, image_size=args.image_size,
+                        train_shards=args.train_shards, val_shards=args.val_shards,
+                        captions_per_image=args.captions_per_image)
+    paths = demo.build_demo(args.out, params, force=args.force, workers=args.workers, progress=True)
+    verb = "built" if paths.built else "already complete, kept"
+    print(f"demo_data: {verb}: train={paths.train} val={paths.val} tokenizer={paths.tokenizer}")
+    return 0

@@ -1,0 +1,159 @@
+"""Raw samples (undecoded member groups of a shard) and their decoding.
+
+    for raw in iter_raw_samples(url, on_error, expected=count):   # RawSample: key, names, members
+        decoded = decode_sample(raw)    # Decoded(sample_id, captions, RGB image) or _BadSample(reason)
+
+Both are pure functions of the shard's bytes: what makes a resumed reader replay exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from PIL import Image
+
+from moco_mm.data.make_shards import ImageError, decode_image, to_rgb
+from moco_mm.data.shard_io import iter_members, open_url
+from moco_mm.data.sources import DataError, _group
+
+__all__ = ["IMAGE_EXTS", "RawSample", "iter_raw_samples", "Decoded", "decode_sample"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+
+
+@dataclass
+class RawSample:
+    """One member group of a shard, undecoded. `members` maps extension -> bytes; `names`
+    are the member names as stored; `problem` is set when the grouping itself is wrong."""
+
+    url: str
+    key: str
+    names: list[str]
+    members: dict[str, bytes]
+    problem: str | None = None
+
+
+def iter_raw_samples(url: str, on_error: Callable[[str, BaseException], None] | None = None,
+                     expected: int | None = None) -> Iterator[RawSample]:
+    """Stream the member groups of one shard (local path or URL such as `pipe:`).
+
+    A shard that breaks off (truncated tar, failing pipe) ends early; `on_error(url, exc)` is
+    told (default: raise). Python's tarfile ends quietly at a corrupt header past the start,
+    so a shard yielding fewer than `expected` samples (its manifest count) is reported too.
+    The output is a pure function of the shard's bytes.
+    """
+    def report(exc: BaseException) -> None:
+        if on_error is None:
+            raise DataError(f"{url}: unreadable shard: {exc}") from exc
+        on_error(url, exc)
+
+    try:
+        stream = open_url(url)
+    except (OSError, ValueError) as e:  # missing file, unopenable URL
+        report(e)
+        return
+    n = 0
+    closed = False
+    try:
+        for key, items in _group(iter_members(stream)):
+            n += 1
+            raw = RawSample(url, key, [n for n, _, _ in items], {})
+            for name, ext, data in items:
+                if not ext:
+                    raw.problem = f"member {name!r} has no extension (expected KEY.EXT)"
+                elif ext in raw.members:
+                    raw.problem = f"duplicate member {name!r}"
+                else:
+                    raw.members[ext] = data
+            yield raw
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        closed = True
+        # A failed command is the cause of the broken tar it produced: report its status.
+        report(_close(stream) or e)
+        return
+    finally:
+        if not closed:  # also when the consumer stops early: the pipe is then killed quietly
+            closed = True
+            failure = _close(stream)
+    if failure is not None:
+        report(failure)
+    elif expected is not None and n < expected:
+        report(DataError(f"ended after {n} of its {expected} samples (corrupt tar header?)"))
+
+
+def _close(stream) -> BaseException | None:
+    """Close a shard stream; a `pipe:` command's non-zero exit comes back as the error."""
+    try:
+        stream.close()
+    except OSError as e:
+        return e
+    return None
+
+
+class _BadSample(Exception):
+    pass
+
+
+@dataclass
+class Decoded:
+    sample_id: int
+    captions: list[str]
+    image: Image.Image
+
+
+def decode_sample(raw: RawSample) -> Decoded:
+    """Raw member bytes -> (sample_id, captions, RGB image). Raises _BadSample(reason)."""
+    if raw.problem:
+        raise _BadSample(raw.problem)
+    img_ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
+    if img_ext is None:
+        raise _BadSample(f"no image member (expected KEY.{'/'.join(IMAGE_EXTS[:4])})")
+    sample_id, captions = _decode_meta(raw)
+    try:
+        image = to_rgb(decode_image(raw.members[img_ext]))
+    except ImageError as e:
+        raise _BadSample(f"{raw.key}.{img_ext}: {e}") from None
+    except Exception as e:  # mode conversion of an odd image
+        raise _BadSample(f"{raw.key}.{img_ext}: {type(e).__name__}: {e}") from None
+    return Decoded(sample_id, captions, image)
+
+
+def _decode_meta(raw: RawSample) -> tuple[int, list[str]]:
+    sample_id: int | None = None
+    captions: list | None = None
+    if "json" in raw.members:
+        try:
+            meta = json.loads(raw.members["json"].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _BadSample(f"{raw.key}.json: not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise _BadSample(f"{raw.key}.json: expected an object")
+        sid = meta.get("sample_id")
+        if sid is not None:
+            if not isinstance(sid, int) or isinstance(sid, bool):
+                raise _BadSample(f"{raw.key}.json: 'sample_id' must be an integer, got {sid!r}")
+            sample_id = sid
+        caps = meta.get("captions")
+        if caps is not None:
+            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                raise _BadSample(f"{raw.key}.json: 'captions' must be a list of strings")
+            captions = caps
+    if sample_id is None:
+        tail = raw.key.rsplit("/", 1)[-1]
+        if not tail.isdigit():
+            raise _BadSample(f"{raw.key}: no sample_id (KEY.json has none and the key is not an integer)")
+        sample_id = int(tail)
+    if captions is None:
+        if "txt" not in raw.members:
+            raise _BadSample(f"{raw.key}: no caption (neither KEY.json 'captions' nor KEY.txt)")
+        try:
+            captions = [raw.members["txt"].decode("utf-8")]
+        except UnicodeDecodeError:
+            raise _BadSample(f"{raw.key}.txt: caption is not valid UTF-8") from None
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise _BadSample(f"{raw.key}: empty caption")
+    return sample_id, captions

@@ -1,0 +1,20 @@
+"""The training program: the Trainer, the checkpoint manager, run logging.
+
+    trainer.py     Trainer: the loop, accumulation, non-finite skip, eval
+    cli.py         the program: parse, validate the config, join the process group, train
+    checkpoint.py  atomic step directories, COMPLETE marker, rotation, RNG capture
+    run_log.py     metrics.jsonl, the rank-0 progress bar, wandb
+
+`python -m moco_mm.train --config configs/NAME.yaml [dotted.key=value ...]` and
+`moco-mm train ...` run `cli.main`.
+
+Imports: the base modules, `moco_mm.model`, `moco_mm.data` and itself. Never plan,
+search, bench or cli (search reads our checkpoints, never the reverse); tests/test_layout.py
+checks this.
+"""
+
+from moco_mm.train.checkpoint import CheckpointError, CheckpointManager
+from moco_mm.train.cli import main
+from moco_mm.train.trainer import Trainer, build_optimizer, lr_at
+
+__all__ = ["Trainer", "build_optimizer", "lr_at", "main", "CheckpointManager", "CheckpointError"]

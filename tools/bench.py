@@ -1,0 +1,8 @@
+"""`python tools/bench.py ARGS` is `moco-mm bench ARGS` (kept for existing command lines)."""
+
+import sys
+
+from moco_mm.cli import main
+
+if __name__ == "__main__":  # guarded: worker processes re-import this file
+    sys.exit(main(["bench", *sys.argv[1:]]))
