@@ -13,7 +13,7 @@ import sys
 
 # name -> (module:function, one line for the command list)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("moco_mm.train.cli:main", "pretrain or fine-tune (same line under torchrun); --help lists every config key"),
+    "train": ("moco_mm.train.cli:main", "pretrain or fine-tune (also under torchrun); --help lists every config key"),
     "demo-data": ("moco_mm.data.cli:demo_data_main", "build the procedural demo shards and tokenizer"),
     "make-shards": ("moco_mm.data.cli:make_shards_main", "CSV/TSV/JSONL/image folder -> webdataset shards + manifest"),
     "plan-memory": ("moco_mm.plan.cli:main", "will this config fit the GPU? peak memory per part, largest batch"),

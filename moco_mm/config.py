@@ -21,7 +21,6 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
 # The file a checkpoint step directory gets last (moco_mm/train/checkpoint.py writes it):
 # a directory without it is incomplete. Here so that config validation can check
 # `checkpoint.resume` paths before any compute without importing the trainer.

@@ -13,9 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+from moco_mm.data import (
+    DataError,
+    LoaderState,
+    ShardSource,
+    build_transforms,
+    iter_eval_batches,
+    make_loader,
+    steps_per_epoch,
+)
 from moco_mm.data import make_shards as shards
-from moco_mm.data import (DataError, LoaderState, ShardSource, build_transforms, iter_eval_batches,
-                          make_loader, steps_per_epoch)
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 L = 12  # max_length

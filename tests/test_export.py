@@ -8,9 +8,9 @@ One short real training run on the demo shapes is shared with tests/test_search.
 from __future__ import annotations
 
 import json
-import types
 import pickle
 import shutil
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moco_mm.search import export as ex
-from moco_mm.train.checkpoint import CheckpointManager
 from moco_mm.config import load_config
 from moco_mm.data import build_transforms
-from moco_mm.model import load_tokenizer
-from moco_mm.model import DualQueueMoCo
+from moco_mm.model import DualQueueMoCo, load_tokenizer
 from moco_mm.search import Encoder, iter_items
+from moco_mm.search import export as ex
+from moco_mm.train.checkpoint import CheckpointManager
 from tests.trainrun import build_demo, run, tiny_train_config, train_cmd, write_config
 
 STEPS = 64

@@ -8,8 +8,7 @@ import timm
 import torch
 
 from moco_mm.config import ConfigError, QueueConfig, TextTowerConfig
-from moco_mm.model import ImageTower, TextTower
-from moco_mm.model import DualQueueMoCo, momentum_at
+from moco_mm.model import DualQueueMoCo, ImageTower, TextTower, momentum_at
 from tests.tiny import SEQ, tiny_batch, tiny_bn_model_config, tiny_model_config
 
 

@@ -20,9 +20,8 @@ import pytest
 import torch
 
 from moco_mm import plan as memory
-from moco_mm.plan import trace
 from moco_mm.config import Config, QueueConfig, load_config
-from moco_mm.plan import GIB
+from moco_mm.plan import GIB, trace
 from tests import tower_profiles
 from tests.tiny import VOCAB, tiny_model_config
 
@@ -266,7 +265,7 @@ def test_shipped_configs_use_only_cached_towers():
         vocab, _ = memory.default_vocab_size(cfg)
         for kind in ("image", "text"):
             key = memory.tower_profile_key(kind, cfg.model, memory.autocast_dtype_for(cfg), vocab)
-            assert key in cached, f"{name} {kind}: not in tests/data/tower_profiles.json; run python -m tests.tower_profiles"
+            assert key in cached, f"{name} {kind}: not kept; run python -m tests.tower_profiles"
 
 
 def test_cached_tower_profiles_are_current():

@@ -15,10 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moco_mm.train.checkpoint import CheckpointManager
 from moco_mm.config import ConfigError, load_config
-from tests.trainrun import (ROOT, build_demo, env, free_port, run, run_and_kill, tiny_train_config, train_cmd,
-                            write_config)
+from moco_mm.train.checkpoint import CheckpointManager
+from tests.trainrun import (
+    ROOT,
+    build_demo,
+    env,
+    free_port,
+    run,
+    run_and_kill,
+    tiny_train_config,
+    train_cmd,
+    write_config,
+)
 
 FIELDS = {"step", "loss", "loss_i2t", "loss_t2i", "lr", "temperature", "samples_per_s", "queue_fill",
           "pos_sim", "neg_sim", "grad_norm", "skipped_samples", "data_wait_frac"}

@@ -17,7 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moco-mm bench-loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="moco-mm bench-loader", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="data/demo", help="demo folder (built if missing)")
     ap.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     ap.add_argument("--batch-size", type=int, default=64)

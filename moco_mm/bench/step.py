@@ -310,7 +310,8 @@ def print_table(res: dict, s: Sizes, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moco-mm bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="moco-mm bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="thin towers and few rounds (smoke test, < 60 s)")
     ap.add_argument("--json", metavar="OUT", help="write the ratios and medians here")
     ap.add_argument("--no-dist", action="store_true", help="skip the 2-process part")

@@ -66,7 +66,8 @@ def make_shards_main(argv: list[str] | None = None) -> int:
 
 def demo_data_main(argv: list[str] | None = None) -> int:
     d = demo.DemoParams()
-    ap = argparse.ArgumentParser(prog="moco-mm demo-data", description="Build the procedural demo dataset and tokenizer.")
+    ap = argparse.ArgumentParser(prog="moco-mm demo-data",
+                                 description="Build the procedural demo dataset and tokenizer.")
     ap.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--train", type=int, default=d.n_train, help="train pairs")

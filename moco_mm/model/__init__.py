@@ -10,8 +10,7 @@ itself. It never imports `moco_mm.data` (its sibling) or anything above it (trai
 search, bench, cli); tests/test_layout.py checks this.
 """
 
-from moco_mm.model.dual_queue import (DualQueueMoCo, KeyTowers, QueryTowers, StepOutput, momentum_at,
-                                      negative_bank)
+from moco_mm.model.dual_queue import DualQueueMoCo, KeyTowers, QueryTowers, StepOutput, momentum_at, negative_bank
 from moco_mm.model.losses import LOSSES, queue_infonce, vse_max, vse_sum
 from moco_mm.model.queue import FeatureQueue
 from moco_mm.model.towers import ImageTower, Projection, TextTower, build_towers, has_batchnorm, load_tokenizer

@@ -36,9 +36,9 @@ from torch import nn
 
 from moco_mm import distributed as D
 from moco_mm.config import ModelConfig, QueueConfig, validate_model, validate_queue
-from moco_mm.model.towers import ImageTower, TextTower, build_towers, has_batchnorm
 from moco_mm.model.losses import LOSSES
 from moco_mm.model.queue import FeatureQueue
+from moco_mm.model.towers import ImageTower, TextTower, build_towers, has_batchnorm
 
 
 def momentum_at(step: int, total_steps: int, m0: float, schedule: str = "constant") -> float:

@@ -150,7 +150,7 @@ def _is_local(name: str) -> bool:
 def build_hf_backbone(cfg: TextTowerConfig, vocab_size: int | None = None) -> nn.Module:
     """A Hugging Face encoder without its pooler (we pool ourselves; an unused pooler
     would leave parameters without gradients, which DDP rejects)."""
-    from transformers import AutoConfig, AutoModel, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModel
 
     overrides = dict(cfg.overrides)
     if vocab_size is not None and "vocab_size" not in overrides:

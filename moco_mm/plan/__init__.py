@@ -14,8 +14,16 @@ and itself; never data, train, search, bench or cli. tests/test_layout.py checks
 from moco_mm.plan.loss import LossFootprint, loss_footprint, loss_model
 from moco_mm.plan.measure import StepMeasurement, measure_step
 from moco_mm.plan.planner import GPUS, GpuSpec, Margin, MemoryPlan, estimate_phases, plan, resolve_gpu
-from moco_mm.plan.profiles import (PROFILE_VERSION, ModelProfile, autocast_dtype_for, default_vocab_size,
-                                   profile_model, register_tower_profile, tower_profile, tower_profile_key)
+from moco_mm.plan.profiles import (
+                                   PROFILE_VERSION,
+                                   ModelProfile,
+                                   autocast_dtype_for,
+                                   default_vocab_size,
+                                   profile_model,
+                                   register_tower_profile,
+                                   tower_profile,
+                                   tower_profile_key,
+)
 from moco_mm.plan.trace import GIB, Linear, TowerProfile
 
 __all__ = [

@@ -24,7 +24,8 @@ with fake tensors (see `moco_mm.plan`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moco-mm plan-memory", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="moco-mm plan-memory", description=USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config (as for moco-mm train)")
     ap.add_argument("--gpu", required=True, choices=sorted(plan.GPUS), help="the GPU to plan for")
     ap.add_argument("--world-size", type=int, default=8,

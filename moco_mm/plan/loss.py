@@ -41,9 +41,8 @@ def loss_footprint(loss: str, learn_temperature: bool, embed_dim: int, batch: in
     positive keys, gathered keys and queue storage are costed elsewhere and excluded
     here. ~0.1 s (fake tensors, any size).
     """
-    from moco_mm.model.losses import LOSSES
-
     from moco_mm.model.dual_queue import negative_bank
+    from moco_mm.model.losses import LOSSES
 
     fn = LOSSES[loss]
     d = embed_dim

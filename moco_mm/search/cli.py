@@ -58,7 +58,8 @@ data. Exit status 0 on success, 2 on an error."""
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moco-mm export", description=EXPORT_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="moco-mm export", description=EXPORT_USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (config.yaml + checkpoints/)")
     src.add_argument("--checkpoint", help="a checkpoint step directory inside a run directory")
@@ -127,7 +128,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def search_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moco-mm search", description=SEARCH_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="moco-mm search", description=SEARCH_USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
     ix = sub.add_parser("index", help="embed a corpus into an index directory")
@@ -163,7 +165,8 @@ def search_main(argv: list[str] | None = None) -> int:
 
 
 def eval_retrieval_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moco-mm eval-retrieval", description=EVAL_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="moco-mm eval-retrieval", description=EVAL_USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", required=True, help="export directory (moco-mm export)")
     ap.add_argument("--data", required=True, help="shard spec: manifest.json, shard folder or brace pattern")
     ap.add_argument("--json", default=None, help="write the metrics here as JSON")
