@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from moco_mm.data import make_shards as shards
@@ -218,3 +219,105 @@ def test_refuses_to_mix_with_existing_shards_and_bad_header(tmp_path):
     bad.write_text("path\ttext\nimg/rgb.jpg\thello\n")
     with pytest.raises(shards.InputError, match="bad.tsv.*'image' and 'caption'"):
         shards.read_rows(bad)
+
+
+def _eval_samples(out: Path) -> list[tuple[int, list[str], np.ndarray]]:
+    """(sample_id, captions, image as uint8 HxWx3) of every sample the eval loader yields."""
+    from moco_mm.data import ShardSource, iter_eval_batches
+
+    def as_stored(img: Image.Image) -> torch.Tensor:  # no resize or normalisation: the stored pixels
+        return torch.from_numpy(np.asarray(img).copy())
+
+    seen = []
+    for b in iter_eval_batches(ShardSource.from_spec(out), batch_size=3, transform=as_stored):
+        assert int(b["n_skipped"]) == 0
+        seen += list(zip(b["sample_id"].tolist(), b["captions"], b["image"].numpy()))
+    return seen
+
+
+def test_rows_naming_one_image_become_one_sample(tmp_path, capsys):
+    from moco_mm.data import cli
+
+    img_dir = tmp_path / "in" / "img"
+    pixels = {n: _noise(12, 12, seed=10 + i) for i, n in enumerate("abcd")}
+    for n, arr in pixels.items():
+        _save(Image.fromarray(arr), img_dir / f"{n}.png", "PNG")
+    make_images(img_dir)  # for truncated.jpg
+    c_abs = str(img_dir / "c.png")  # the same file as img/c.png
+    rows = [("img/d.png", "   ")]  # row 0: empty caption, skipped alone; d's sample takes row 5's id
+    for k in range(5):  # COCO-like: five captions per image, rows interleaved, not grouped
+        for n in "abcd":
+            image = f"img/{n}.png"
+            if n == "c" and k % 2:
+                image = c_abs
+            if n == "a" and k == 2:
+                image = "./img/a.png"
+            caption = "b caption 1" if (n, k) == ("b", 3) else f"{n} caption {k}"  # a repeated caption
+            rows.append((image, caption))
+            if (n, k) == ("a", 0):
+                rows.append(("img/truncated.jpg", "bad image, first row"))  # row 2
+    rows.append(("img/truncated.jpg", "bad image, second row"))  # row 22
+    csv_path = tmp_path / "in" / "coco.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows(rows)
+    assert len(rows) == 23 and rows[4] == ("img/c.png", "c caption 0") and rows[8] == (c_abs, "c caption 1")
+
+    out = tmp_path / "out"
+    assert cli.make_shards_main([str(csv_path), "--out", str(out), "--samples-per-shard", "3", "--workers", "2",
+                                 "--id-offset", "100", "--no-progress"]) == 0
+    assert "merged 16 rows" in capsys.readouterr().out
+    manifest, samples = read_shards(out)
+
+    expected = {  # sample_id = offset + the image's first usable row; captions in input order, no repeat
+        101: ("img/a.png", [f"a caption {k}" for k in range(5)]),
+        103: ("img/b.png", ["b caption 0", "b caption 1", "b caption 2", "b caption 4"]),
+        104: ("img/c.png", [f"c caption {k}" for k in range(5)]),
+        105: ("img/d.png", [f"d caption {k}" for k in range(5)]),
+    }
+    assert [s["id"] for s in samples] == sorted(expected)
+    assert {s["id"]: (s["source"], s["captions"]) for s in samples} == expected
+    assert manifest["samples"] == 4 and manifest["shard_samples"] == [3, 1]
+    assert manifest["rows"] == 23 and manifest["merged_rows"] == 16 and manifest["skipped"] == 3
+    assert manifest["samples"] + manifest["merged_rows"] + manifest["skipped"] == manifest["rows"]
+    skips = [(r["row"], r["sample_id"], r["source"]) for r in manifest["skipped_rows"]]
+    assert skips == [(0, 100, "img/d.png"), (2, 102, "img/truncated.jpg"), (22, 122, "img/truncated.jpg")]
+    reasons = [r["reason"] for r in manifest["skipped_rows"]]
+    assert "empty caption" in reasons[0] and "truncated" in reasons[1] and reasons[1] == reasons[2]
+
+    # The loader sees every image exactly once, with all its captions.
+    seen = _eval_samples(out)
+    assert [(i, caps) for i, caps, _ in seen] == [(i, caps) for i, (_, caps) in sorted(expected.items())]
+    for (_, _, img), n in zip(seen, "abcd"):
+        assert np.array_equal(img, pixels[n])
+
+    # Same bytes without workers.
+    out0 = tmp_path / "out0"
+    assert shards.make_shards(csv_path, out0, samples_per_shard=3, workers=0, id_offset=100)["merged_rows"] == 16
+    for name in manifest["shards"]:
+        assert (out0 / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_jsonl_caption_lists_merge_across_lines(tmp_path):
+    img_dir = tmp_path / "img"
+    for i, n in enumerate("ab"):
+        _save(Image.fromarray(_noise(seed=20 + i)), img_dir / f"{n}.png", "PNG")
+    (img_dir / "link.png").symlink_to(img_dir / "a.png")  # resolves to the same file as img/a.png
+    lines = [
+        {"image": "img/a.png", "caption": ["a one", "a two"]},
+        {"image": "img/b.png", "caption": "b one"},
+        {"image": str(img_dir / "a.png"), "caption": ["a two", "a three"]},
+        {"image": "img/b.png", "caption": ["b one"]},
+        {"image": "img/link.png", "caption": "a four"},
+    ]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n\n".join(json.dumps(x) for x in lines) + "\n")  # blank lines are not rows
+    manifest = shards.make_shards(jsonl, tmp_path / "out", samples_per_shard=10)
+    _, samples = read_shards(tmp_path / "out")
+    assert [(s["id"], s["source"], s["captions"]) for s in samples] == [
+        (0, "img/a.png", ["a one", "a two", "a three", "a four"]),
+        (1, "img/b.png", ["b one"]),
+    ]
+    assert (manifest["rows"], manifest["samples"], manifest["merged_rows"], manifest["skipped"]) == (5, 2, 3, 0)
+    assert [i for i, _, _ in _eval_samples(tmp_path / "out")] == [0, 1]

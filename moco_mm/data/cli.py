@@ -16,8 +16,10 @@ MAKE_SHARDS_USAGE = """Write webdataset shards from a CSV/TSV, a JSONL file or a
     moco-mm make-shards INPUT --out DIR [--samples-per-shard 1000] [--max-shard-bytes 1G]
         [--max-size 512] [--workers 8] [--id-offset 0] [--overwrite] [--no-progress]
 
-Bad rows are skipped and listed in DIR/manifest.json (`skipped_rows`); the exit status is 0
-unless the input as a whole is unusable (2)."""
+Rows naming the same image file become one sample holding all their captions (the first
+row's sample_id); the manifest counts them as `merged_rows`. Bad rows are skipped and listed
+in DIR/manifest.json (`skipped_rows`); the exit status is 0 unless the input as a whole is
+unusable (2)."""
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -59,8 +61,11 @@ def make_shards_main(argv: list[str] | None = None) -> int:
     except (shards.InputError, FileExistsError, ValueError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    merged = ""
+    if manifest["merged_rows"]:
+        merged = f"; merged {manifest['merged_rows']} rows into the sample of an earlier row naming the same image"
     print(f"make_shards: wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to "
-          f"{args.out}; skipped {manifest['skipped']} (reasons in {Path(args.out) / shards.MANIFEST})")
+          f"{args.out}{merged}; skipped {manifest['skipped']} (reasons in {Path(args.out) / shards.MANIFEST})")
     return 0
 
 

@@ -6,7 +6,8 @@ Inputs (`read_rows`):
   * a folder of images (searched recursively) with a same-stem `.txt` next to each image;
     every non-empty line of the `.txt` is one caption.
 Image paths are relative to the input file's folder (or to the folder itself); absolute
-paths are used as they are.
+paths are used as they are. One image may be named by several rows (COCO-style files list
+each image once per caption); `plan_samples` merges them into one sample (see Invariants).
 
 Output (`write_shards`), in `out_dir`:
   * `shard-000000.tar`, `shard-000001.tar`, ... in webdataset layout: for every sample the
@@ -14,19 +15,33 @@ Output (`write_shards`), in `out_dir`:
     (`{"sample_id": int, "captions": [str, ...], "source": str, "width": int, "height": int}`),
     with KEY = the zero-padded sample_id;
   * `manifest.json` (written last): `shards` (file names), `shard_samples` (samples per
-    shard, what the loader plans epochs with), `shard_bytes`, `samples`, `skipped`,
-    `skipped_rows` (`row`, `sample_id`, `source`, `reason` for each), `id_offset`, options.
+    shard, what the loader plans epochs with), `shard_bytes`, `samples`, `rows` (input
+    rows), `merged_rows` (rows folded into an earlier row's sample), `skipped`,
+    `skipped_rows` (`row`, `sample_id`, `source`, `reason` for each, in row order),
+    `id_offset`, options. Every input row is counted once: rows = samples + merged_rows + skipped.
 
 Invariants:
   * sample_id = id_offset + the row's position in the input (0-based; data rows of a CSV,
     non-blank lines of a JSONL, images of a folder in sorted path order). It never depends
-    on the worker count or on which worker finished first; skipped rows leave gaps.
-  * Shard contents and order are a pure function of (rows, options): workers return results
-    in input order, tar headers carry fixed metadata (mtime 0, uid 0), so the same input gives
-    byte-identical shards.
+    on the worker count or on which worker finished first; skipped and merged rows leave gaps.
+  * One sample per image. A row is first checked on its own (parse error, empty image path,
+    no non-empty caption, unreadable caption file); a row that fails is skipped by itself.
+    The remaining rows are grouped by resolved image path (`os.path.realpath` of the path
+    joined to its base, so a relative and an absolute path, or a symlink, naming one file are
+    one image; the rows need not be adjacent). A group becomes one sample with the sample_id
+    and `source` of its first row and the captions of all its rows in input order, exact
+    duplicate captions dropped (first kept). The other rows of the group count as
+    `merged_rows`. If the image itself is bad, every row of the group is skipped and recorded
+    with the image's reason.
+  * Samples are written in increasing sample_id order. Shard contents and order are a pure
+    function of (rows, options): workers return results in input order, tar headers carry
+    fixed metadata (mtime 0, uid 0), so the same input gives byte-identical shards.
   * Every image is decoded fully once. A bad row (missing or empty file, not an image,
     truncated image, unreadable or empty caption, malformed input line) is skipped and
     recorded with its reason; it never stops the run.
+  * Grouping holds every row's path and captions in memory (caption files are read while
+    planning, in this process), never a decoded image; images are read and encoded by the
+    workers, one sample at a time.
   * Stored images are 8-bit RGB: CMYK, 16-bit, greyscale, palette and alpha images are
     converted (alpha is composited on white). An image that needs no change (RGB JPEG, PNG
     or WebP, upright, within `max_size`) keeps its original bytes; others are re-encoded
@@ -90,7 +105,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A good row, ready to write: `ext` is jpg/png/webp, `image` the encoded RGB bytes."""
+    """A good sample, ready to write: `ext` is jpg/png/webp, `image` the encoded RGB bytes."""
 
     index: int
     sample_id: int
@@ -108,6 +123,23 @@ class Skipped:
     sample_id: int
     source: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One sample to encode: all usable rows naming one image (`plan_samples`).
+
+    `index`/`sample_id`/`source` come from the first of those rows; `rows` holds
+    (index, source) of every one, first included; `path` is the image file to open;
+    `captions` are the merged captions (input order, duplicates dropped).
+    """
+
+    index: int
+    sample_id: int
+    path: str
+    source: str
+    captions: tuple[str, ...]
+    rows: tuple[tuple[int, str], ...]
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,7 +242,7 @@ def _has_surrogates(s: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Turning one row into an encoded sample (runs in the worker processes)
+# Rows -> planned samples (this process) -> encoded samples (the worker processes)
 # ---------------------------------------------------------------------------------------
 
 
@@ -308,16 +340,54 @@ def _row_captions(row: Row) -> tuple[str, ...]:
     return captions
 
 
-def encode_row(row: Row, *, id_offset: int = 0, max_size: int = 0, jpeg_quality: int = 95) -> Encoded | Skipped:
-    """Validate and encode one row. Never raises for a bad row: returns `Skipped`."""
-    sample_id = id_offset + row.index
+def plan_samples(rows: Sequence[Row], *, id_offset: int = 0) -> tuple[list[Planned], list[Skipped]]:
+    """Check every row on its own, then merge the rows naming one image (module Invariants).
+
+    Returns (samples in increasing sample_id order, rows skipped here in row order). No
+    image is opened: a missing or bad image is found later, when its sample is encoded.
+    """
+    skipped: list[Skipped] = []
+    # Resolved image path -> (row, its captions) of every usable row naming it. Dicts keep
+    # insertion order, so groups come out in the order of their first row.
+    groups: dict[str, list[tuple[Row, tuple[str, ...]]]] = {}
+    resolved: dict[tuple[str, str], str] = {}  # realpath costs syscalls; COCO repeats each path 5x
+    for row in rows:
+        try:
+            if row.error:
+                raise ImageError(row.error)
+            captions = _row_captions(row)
+            if not row.image:
+                raise ImageError("empty image path")
+            key = resolved.get((row.base, row.image))
+            if key is None:
+                try:
+                    key = os.path.realpath(os.path.join(row.base, row.image))
+                except (OSError, ValueError) as e:  # e.g. a NUL byte in the path
+                    raise ImageError(f"bad image path: {e}") from None
+                resolved[(row.base, row.image)] = key
+        except ImageError as e:
+            skipped.append(Skipped(row.index, id_offset + row.index, row.image, str(e)))
+            continue
+        except Exception as e:  # a bad row must never stop a long run; the reason is recorded
+            skipped.append(Skipped(row.index, id_offset + row.index, row.image,
+                                   f"unexpected {type(e).__name__}: {e}"))
+            continue
+        groups.setdefault(key, []).append((row, captions))
+    plans = []
+    for members in groups.values():
+        first = members[0][0]
+        # dict.fromkeys keeps the first occurrence of each caption, in input order.
+        captions = tuple(dict.fromkeys(c for _, caps in members for c in caps))
+        plans.append(Planned(first.index, id_offset + first.index, os.path.join(first.base, first.image),
+                             first.image, captions, tuple((r.index, r.image) for r, _ in members)))
+    return plans, skipped
+
+
+def encode_sample(plan: Planned, *, max_size: int = 0, jpeg_quality: int = 95) -> Encoded | Skipped:
+    """Read and encode one planned sample's image. Never raises for a bad image: returns
+    `Skipped` for the plan's first row (the caller records every row of the plan)."""
     try:
-        if row.error:
-            raise ImageError(row.error)
-        captions = _row_captions(row)
-        if not row.image:
-            raise ImageError("empty image path")
-        path = Path(row.base) / row.image
+        path = Path(plan.path)
         if not path.is_file():
             raise ImageError(f"missing file {path}")
         try:
@@ -326,10 +396,10 @@ def encode_row(row: Row, *, id_offset: int = 0, max_size: int = 0, jpeg_quality:
             raise ImageError(f"unreadable file {path}: {e}") from None
         ext, image, width, height = prepare_image(data, max_size=max_size, jpeg_quality=jpeg_quality)
     except ImageError as e:
-        return Skipped(row.index, sample_id, row.image, str(e))
-    except Exception as e:  # a bad row must never stop a long run; the reason is recorded
-        return Skipped(row.index, sample_id, row.image, f"unexpected {type(e).__name__}: {e}")
-    return Encoded(row.index, sample_id, ext, image, captions, row.image, width, height)
+        return Skipped(plan.index, plan.sample_id, plan.source, str(e))
+    except Exception as e:  # a bad image must never stop a long run; the reason is recorded
+        return Skipped(plan.index, plan.sample_id, plan.source, f"unexpected {type(e).__name__}: {e}")
+    return Encoded(plan.index, plan.sample_id, ext, image, plan.captions, plan.source, width, height)
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,16 +500,16 @@ class ShardWriter:
         self._tar = None
 
 
-def _results(rows: Sequence[Row], encode, workers: int) -> Iterator[Encoded | Skipped]:
-    """Encoded rows in input order, whatever the worker count."""
+def _results(plans: Sequence[Planned], encode, workers: int) -> Iterator[Encoded | Skipped]:
+    """Encoded samples in plan order, whatever the worker count."""
     if workers <= 0:
-        yield from map(encode, rows)
+        yield from map(encode, plans)
         return
     # spawn: children start clean (no inherited threads or torch state); imap keeps order.
     ctx = multiprocessing.get_context("spawn")
-    chunksize = max(1, min(64, len(rows) // (workers * 8) or 1))
+    chunksize = max(1, min(64, len(plans) // (workers * 8) or 1))
     with ctx.Pool(workers) as pool:
-        yield from pool.imap(encode, rows, chunksize=chunksize)
+        yield from pool.imap(encode, plans, chunksize=chunksize)
 
 
 def _clear_outputs(out_dir: Path, overwrite: bool) -> None:
@@ -468,7 +538,8 @@ def write_shards(
     overwrite: bool = False,
     input_label: str = "",
 ) -> dict:
-    """Encode `rows` (in `workers` processes; 0: in this process) and write shards + manifest.
+    """Merge `rows` by image (`plan_samples`), encode the images (in `workers` processes;
+    0: in this process) and write shards + manifest.
 
     Returns the manifest (also written to `out_dir/manifest.json`, last, atomically).
     `input_label` is recorded as the manifest's `input` (keep it free of temporary paths
@@ -479,22 +550,27 @@ def write_shards(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out, overwrite)
-    encode = functools.partial(encode_row, id_offset=id_offset, max_size=max_size, jpeg_quality=jpeg_quality)
+    plans, row_skips = plan_samples(rows, id_offset=id_offset)
+    skipped = [_skip_record(s.index, s.sample_id, s.source, s.reason) for s in row_skips]
+    merged = 0
+    encode = functools.partial(encode_sample, max_size=max_size, jpeg_quality=jpeg_quality)
     writer = ShardWriter(out, samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes)
-    skipped: list[dict] = []
-    bar = _progress(len(rows), progress)
+    bar = _progress(len(plans), progress)
     try:
-        for result in _results(rows, encode, workers):
+        for plan, result in zip(plans, _results(plans, encode, workers)):
             if isinstance(result, Skipped):
-                skipped.append({"row": result.index, "sample_id": result.sample_id,
-                                "source": result.source, "reason": result.reason})
+                # A bad image skips every row that names it, each recorded under its own id.
+                skipped += [_skip_record(index, id_offset + index, source, result.reason)
+                            for index, source in plan.rows]
             else:
                 writer.add(result)
+                merged += len(plan.rows) - 1
             bar.update(1)
             bar.set_postfix(skipped=len(skipped), refresh=False)
     finally:
         bar.close()
         writer.close()
+    skipped.sort(key=lambda r: r["row"])  # row-level and image-level skips interleave
     manifest = {
         "format": MANIFEST_FORMAT,
         "input": input_label,
@@ -502,6 +578,8 @@ def write_shards(
         "shard_samples": writer.counts,
         "shard_bytes": writer.sizes,
         "samples": sum(writer.counts),
+        "rows": len(rows),
+        "merged_rows": merged,
         "skipped": len(skipped),
         "skipped_rows": skipped,
         "id_offset": id_offset,
@@ -512,6 +590,10 @@ def write_shards(
     tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def _skip_record(index: int, sample_id: int, source: str, reason: str) -> dict:
+    return {"row": index, "sample_id": sample_id, "source": source, "reason": reason}
 
 
 def make_shards(input_path: str | Path, out_dir: str | Path, **options) -> dict:
