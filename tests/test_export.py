@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moco_mm.config import load_config
+from moco_mm.config import dump_config, load_config
 from moco_mm.data import build_transforms
 from moco_mm.model import DualQueueMoCo, load_tokenizer
 from moco_mm.search import Encoder, iter_items
@@ -211,6 +211,72 @@ def test_onnx_matches_pytorch(exported, samples):
         want = enc.text_features(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         assert got.shape == (len(caps), 32)
         assert np.abs(got - want).max() <= 1e-4
+
+
+# 300 words: far more tokens than any max_length, so truncation decides the length.
+LONG_CAPTION = " ".join(("a large red circle above a small blue square and".split() * 30)[:300])
+
+
+def test_exported_tokenizer_truncates_to_max_length(exported):
+    """The export's tokenizer says how long a sequence the text tower takes: its
+    model_max_length is the training max_length, so truncation=True alone never yields a
+    sequence the position embeddings cannot hold (the demo tokenizer says 64, BERT 512)."""
+    from transformers import AutoTokenizer
+
+    max_length = json.loads((exported / "encoder.json").read_text())["text"]["max_length"]
+    assert max_length == 16
+    saved = json.loads((exported / "text" / "tokenizer_config.json").read_text())
+    assert saved["model_max_length"] == max_length
+    tok = AutoTokenizer.from_pretrained(str(exported / "text"))
+    assert tok.model_max_length == max_length
+    assert len(LONG_CAPTION.split()) == 300
+    assert len(tok(LONG_CAPTION, truncation=True)["input_ids"]) == max_length
+    assert len(tok([LONG_CAPTION, "a red circle"], truncation=True)["input_ids"][0]) == max_length
+
+
+def test_onnx_runs_the_longest_sequence_the_exported_tokenizer_gives(exported):
+    """A user of text_encoder.onnx tokenising with the exported tokenizer and truncation=True
+    gets max_length tokens; the graph runs them and agrees with Encoder.encode_texts (and
+    the PyTorch tower) within the export's tolerance."""
+    ort = pytest.importorskip("onnxruntime")
+    from transformers import AutoTokenizer
+
+    spec = json.loads((exported / "encoder.json").read_text())
+    max_length, atol = spec["text"]["max_length"], spec["onnx"]["text_encoder.onnx"]["atol"]
+    tok = AutoTokenizer.from_pretrained(str(exported / "text"))
+    texts = [LONG_CAPTION, "a red circle", " ".join(reversed(LONG_CAPTION.split()))]
+    t = tok(texts, padding="longest", truncation=True, return_tensors="np")
+    ids, mask = t["input_ids"].astype(np.int64), t["attention_mask"].astype(np.int64)
+    assert ids.shape == (3, max_length) and mask[:, -1].tolist() == [1, 0, 1]
+    txt = ort.InferenceSession(str(exported / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    got = txt.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    enc = Encoder.from_export(exported)
+    want = enc.text_features(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    assert got.shape == (3, 32) and np.abs(got - want).max() <= atol
+    # encode_texts pads to max_length instead of the batch's longest: same embeddings.
+    assert np.abs(got - enc.encode_texts(texts)).max() <= atol
+
+
+def test_max_length_beyond_the_position_embeddings_is_refused(trained, tmp_path, capsys):
+    """A run whose model.text.max_length exceeds the text backbone's positions (here a
+    config edited after training) cannot be exported: the error names both numbers."""
+    run_dir = shutil.copytree(trained.run_dir, tmp_path / "run")
+    cfg = load_config(run_dir / "config.yaml")
+    positions = cfg.model.text.overrides["max_position_embeddings"]
+    assert positions == 32
+    cfg.model.text.max_length = positions + 8
+    dump_config(cfg, run_dir / "config.yaml")
+    out = tmp_path / "exp"
+    assert tool("export").main(["--run", str(run_dir), "--out", str(out), "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "model.text.max_length 40" in err and "max_position_embeddings 32" in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # At exactly the number of positions the export goes through, and says so.
+    cfg.model.text.max_length = positions
+    dump_config(cfg, run_dir / "config.yaml")
+    ex.export_encoders(out, run_dir=run_dir)
+    assert json.loads((out / "text" / "tokenizer_config.json").read_text())["model_max_length"] == positions
+    assert Encoder.from_export(out).tokenizer.model_max_length == positions
 
 
 class _Branchy(torch.nn.Module):

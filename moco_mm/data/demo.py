@@ -202,7 +202,8 @@ def _render_split(folder: Path, rng: random.Random, n: int, p: DemoParams) -> tu
     return jsonl, all_captions
 
 
-def train_tokenizer(captions: Sequence[str], out_dir: str | Path, *, vocab_size: int = 512) -> Path:
+def train_tokenizer(captions: Sequence[str], out_dir: str | Path, *, vocab_size: int = 512,
+                    model_max_length: int = 64) -> Path:
     """Learn a lower-casing WordPiece vocabulary from `captions`; save it in Hugging Face BERT
     format (tokenizer.json, tokenizer_config.json, vocab.txt) loadable by AutoTokenizer.
 
@@ -212,6 +213,12 @@ def train_tokenizer(captions: Sequence[str], out_dir: str | Path, *, vocab_size:
     BERT normaliser and pre-tokeniser. `tokenizers.trainers.WordPieceTrainer` is not used:
     its merges break ties in hash-map order, so two runs on the same captions give different
     vocabularies, and the demo must be byte-reproducible.
+
+    `model_max_length` is what `truncation=True` alone cuts to. A tokenizer does not know
+    the text tower it will feed, so the default is the demo tower's position embeddings
+    (configs/demo.yaml: max_position_embeddings 64), not BERT's usual 512: anything longer
+    cannot be embedded. Training passes model.text.max_length explicitly, and an export
+    rewrites this value to that max_length (moco_mm.search.export).
     """
     from tokenizers import (
         Tokenizer,
@@ -244,7 +251,7 @@ def train_tokenizer(captions: Sequence[str], out_dir: str | Path, *, vocab_size:
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     tok.decoder = decoders.WordPiece(prefix="##")
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                 sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+                                 sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out))

@@ -11,7 +11,8 @@ Layout of an export directory (format ``moco_mm.export/1``)::
                                 text: pooling, max_length, head, the Hugging Face folder
       image_tower.safetensors   ImageTower.state_dict(): backbone.* + head.*
       text_tower.safetensors    TextTower.state_dict():  backbone.* + head.*
-      text/                     Hugging Face config.json + tokenizer files (save_pretrained)
+      text/                     Hugging Face config.json + tokenizer files (save_pretrained);
+                                the tokenizer's model_max_length is text.max_length
       image_encoder.onnx        --onnx: pixel_values [N,3,H,W] float32 -> embedding [N,D]
       text_encoder.onnx         --onnx: input_ids, attention_mask int64 [N,L] -> embedding [N,D]
       manifest.json             written last: format, versions (moco_mm, torch, timm,
@@ -22,6 +23,10 @@ Invariants:
     a tokenizer.json (see `moco_mm.search.Encoder.from_export`).
   * Embeddings are L2-normalised rows; `pixel_values` are images after `preprocess`
     (resize shorter side, center crop, scale to [0,1], normalise by mean/std).
+  * Text is at most text.max_length tokens (the training length, never more than the
+    backbone's position embeddings hold): the exported tokenizer's model_max_length says
+    so, `AutoTokenizer.from_pretrained(EXPORT/text)(..., truncation=True)` stops there,
+    and the ONNX text graph is checked up to that length.
   * The directory appears whole or not at all: it is assembled in a sibling temporary
     folder and renamed into place. An ONNX graph that disagrees with PyTorch by more than
     `atol` fails the whole export, so no unverified .onnx file is ever left behind.
@@ -30,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -388,12 +394,13 @@ def export_onnx(module: nn.Module, path: Path, example: tuple[torch.Tensor, ...]
     return OnnxCheck(worst, atol, [list(t[0].shape) for t in checks])
 
 
-def _text_checks(tokenizer, max_length: int, vocab: int, max_positions: int) -> tuple[tuple, list[tuple]]:
-    """(example, checks) for the text graph: real captions padded to their longest and
-    random ids with ragged masks, at two batch sizes and two lengths."""
+def _text_checks(tokenizer, max_length: int, vocab: int) -> tuple[tuple, list[tuple]]:
+    """(example, checks) for the text graph: random ids with ragged masks at two batch
+    sizes and two lengths, real captions padded to their longest, and the longest input
+    `tokenizer` (the exported one) gives: a long caption cut by truncation=True alone,
+    which must be exactly max_length tokens."""
     g = torch.Generator().manual_seed(0)
-    long = min(max_length, max_positions)
-    short = max(2, long // 2)
+    short = max(2, max_length // 2)
 
     def ragged(n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.randint(0, vocab, (n, length), generator=g)
@@ -402,10 +409,19 @@ def _text_checks(tokenizer, max_length: int, vocab: int, max_positions: int) -> 
         mask = (torch.arange(length)[None] < lengths[:, None]).long()
         return ids * mask, mask
 
-    real = tokenizer(["a photo of a red circle", "two small blue squares below a large yellow star", "x"],
-                     padding="longest", truncation=True, max_length=long, return_tensors="pt")
-    real_pair = (real["input_ids"].long(), real["attention_mask"].long())
-    return ragged(2, long), [ragged(1, short), ragged(5, long), ragged(3, short), real_pair]
+    def pair(texts: list[str], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        t = tokenizer(texts, padding="longest", truncation=True, return_tensors="pt", **kwargs)
+        return t["input_ids"].long(), t["attention_mask"].long()
+
+    captions = ["a photo of a red circle", "two small blue squares below a large yellow star", "x"]
+    real = pair(captions, max_length=max_length)
+    # No max_length here: what a user of the exported tokenizer gets. At least one word
+    # per position, so only truncation can stop it.
+    longest = pair([" ".join(captions * max_length), captions[0]])
+    if longest[0].shape[1] != max_length:
+        raise ExportError(f"the exported tokenizer cuts a long caption to {longest[0].shape[1]} tokens with "
+                          f"truncation=True, not to model.text.max_length {max_length}")
+    return ragged(2, max_length), [ragged(1, short), ragged(5, max_length), ragged(3, short), real, longest]
 
 
 def _image_checks(image_size: int) -> tuple[tuple, list[tuple]]:
@@ -415,6 +431,58 @@ def _image_checks(image_size: int) -> tuple[tuple, list[tuple]]:
         return (torch.randn(n, 3, image_size, image_size, generator=g),)
 
     return batch(2), [batch(1), batch(5)]
+
+
+def text_positions(backbone: nn.Module) -> tuple[int, str] | None:
+    """-> (how many tokens one sequence may hold, how that follows from the config), or
+    None when the backbone has no absolute position limit to read.
+
+    BERT-like models have exactly max_position_embeddings positions; RoBERTa-like ones
+    (RoBERTa, XLM-R, CamemBERT, Longformer) number positions from padding_idx + 1, so
+    max_position_embeddings - padding_idx - 1 remain (514 -> 512 for roberta-base).
+    """
+    config = backbone.config
+    table = getattr(getattr(backbone, "embeddings", None), "position_embeddings", None)
+    n = getattr(config, "max_position_embeddings", None)
+    if isinstance(table, nn.Embedding):
+        n = table.num_embeddings
+        if table.padding_idx is not None:
+            offset = table.padding_idx + 1
+            return n - offset, (f"max_position_embeddings {n} of {type(backbone).__name__}, less the "
+                                f"{offset} position ids it reserves up to padding_idx {table.padding_idx}")
+    if not isinstance(n, int) or n <= 0:
+        return None
+    return n, f"max_position_embeddings {n} of {type(backbone).__name__}"
+
+
+def check_max_length(max_length: int, backbone: nn.Module) -> None:
+    """Refuse a text max_length the backbone's position embeddings cannot hold: the
+    exported tokenizer would promise sequences that fail in PyTorch and ONNX alike."""
+    limit = text_positions(backbone)
+    if limit is not None and max_length > limit[0]:
+        raise ExportError(
+            f"model.text.max_length {max_length} is more than the {limit[0]} positions the text tower "
+            f"holds ({limit[1]}); sequences of {max_length} tokens cannot be embedded. Set "
+            f"model.text.max_length in the run's config.yaml back to the length it trained at (training "
+            f"pads every caption to it, so at most {limit[0]}), or train with more positions")
+
+
+def save_tokenizer(tokenizer, max_length: int, folder: Path) -> Any:
+    """Save `tokenizer` into `folder` with model_max_length = max_length (recorded in its
+    tokenizer_config.json); -> the tokenizer loaded back from `folder`, as users get it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's keeps its own length
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(str(folder))
+    try:
+        saved = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{folder}: the saved tokenizer does not load: {e}") from e
+    if saved.model_max_length != max_length:
+        raise ExportError(f"{folder}: the saved tokenizer says model_max_length {saved.model_max_length}, "
+                          f"not model.text.max_length {max_length}")
+    return saved
 
 
 # ---------------------------------------------------------------------------------------
@@ -456,6 +524,7 @@ def export_encoders(out: Path | str, *, run_dir: Path | str | None = None, check
     log(f"loaded {towers} towers from {ckpt} (step {step})")
 
     m = cfg.model
+    check_max_length(m.text.max_length, text.backbone)
     spec = ExportSpec(
         embed_dim=m.embed_dim, towers=towers,
         image=ImageSpec(timm_name=m.image.name, timm_kwargs=timm_kwargs(m.image), head=m.head,
@@ -473,7 +542,9 @@ def export_encoders(out: Path | str, *, run_dir: Path | str | None = None, check
         _save_tensors(image, tmp / IMAGE_WEIGHTS)
         _save_tensors(text, tmp / TEXT_WEIGHTS)
         text.backbone.config.save_pretrained(tmp / TEXT_DIR)
-        tokenizer.save_pretrained(str(tmp / TEXT_DIR))
+        # The tokenizer says how long a sequence the tower takes (often 512 otherwise); the
+        # ONNX check below uses it as saved.
+        tokenizer = save_tokenizer(tokenizer, m.text.max_length, tmp / TEXT_DIR)
         checks: dict[str, OnnxCheck] = {}
         if onnx:
             example, image_checks = _image_checks(m.image.image_size)
@@ -481,9 +552,7 @@ def export_encoders(out: Path | str, *, run_dir: Path | str | None = None, check
                 image, tmp / IMAGE_ONNX, example, ["pixel_values"],
                 {"pixel_values": {0: "batch"}, "embedding": {0: "batch"}}, image_checks, atol)
             log(f"{IMAGE_ONNX}: max |onnx - torch| = {checks[IMAGE_ONNX].max_abs_diff:.3g}")
-            hf = text.backbone.config
-            example, text_checks = _text_checks(tokenizer, m.text.max_length, hf.vocab_size,
-                                                getattr(hf, "max_position_embeddings", m.text.max_length))
+            example, text_checks = _text_checks(tokenizer, m.text.max_length, text.backbone.config.vocab_size)
             checks[TEXT_ONNX] = export_onnx(
                 text, tmp / TEXT_ONNX, example, ["input_ids", "attention_mask"],
                 {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
