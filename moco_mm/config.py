@@ -220,6 +220,21 @@ class Config:
         return self
 
 
+def queue_warnings(cfg: Config, world_size: int) -> list[str]:
+    """Settings that run but defeat the queue, as sentences with the numbers (logged at
+    start-up by the trainer, printed by the memory planner)."""
+    if not cfg.queue.enabled:
+        return []
+    per_step = cfg.optim.accum_steps * world_size * cfg.data.batch_size
+    if cfg.queue.size > per_step:
+        return []
+    return [f"queue.size ({cfg.queue.size}) is not larger than the keys enqueued per optimizer step "
+            f"(optim.accum_steps {cfg.optim.accum_steps} x world size {world_size} x data.batch_size "
+            f"{cfg.data.batch_size} = {per_step}): every step replaces the whole queue, which then holds only "
+            f"the last step's keys; the queue adds few negatives beyond the gathered batch. Raise queue.size "
+            f"(MoCo and ALBEF use 65536) or set queue.enabled: false"]
+
+
 def validate_model(m: ModelConfig) -> None:
     """Checks on the model alone (also run by the model's constructor)."""
     _positive("model.embed_dim", m.embed_dim)

@@ -1,6 +1,7 @@
-"""Gradient accumulation does what train.py's docstring says: one EMA per optimizer step,
-every micro-batch against the queue as it was at the start of the step, keys enqueued
-after the optimizer step in order, gradients averaged over micro-batches."""
+"""Gradient accumulation does what the trainer's docstring says: one EMA per optimizer step
+(after it, from the updated query weights), every micro-batch against the queue as it was
+at the start of the step, keys enqueued after the optimizer step in order, gradients
+averaged over micro-batches."""
 
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ def test_accumulation_semantics(tmp_path):
     batches = acc._batches()
     m = acc.train_step(batches)
 
-    # One EMA per optimizer step, from the weights before the step.
-    mom = m["momentum"]
+    # One EMA per optimizer step, after it: key = m * key + (1 - m) * (query after the step).
+    mom = m["momentum"]  # constant schedule: the next step's momentum is the same
+    q1 = dict(acc.model.query.named_parameters())
     for n, p in acc.model.key.named_parameters():
-        want = k0[n] * mom + q0[n] * (1 - mom)
+        want = k0[n] * mom + q1[n].detach() * (1 - mom)
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(q1[n].detach(), q0[n]) for n in q0)  # the step moved the query
     # Both micro-batches reached the queues, in order.
     assert len(acc.model.image_queue) == 16 and len(acc.model.text_queue) == 16
     assert acc.loader_state.step == 2
@@ -47,7 +50,6 @@ def test_accumulation_semantics(tmp_path):
     # The accumulated gradient is the mean of the two micro-batch gradients: replay the
     # same two micro-batches by hand on a fresh trainer with the same seed.
     ref = _trainer(demo, tmp_path / "b", accum_steps=2)
-    ref.model.momentum_update(mom)
     it = ref._batches()
     grads, losses, outs = [], [], []
     for _ in range(2):

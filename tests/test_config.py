@@ -87,3 +87,22 @@ def test_bad_config_exits_2_before_any_compute(tmp_path, capsys):
     path.write_text("model:\n  loss: hinge\n")
     assert train_main(["--config", str(path)]) == 2
     assert "model.loss: 'hinge' is not allowed" in capsys.readouterr().err
+
+
+def test_a_queue_that_a_step_overwrites_whole_is_warned_about():
+    from moco_mm import plan
+    from moco_mm.config import queue_warnings
+    from tests.test_plan_memory import tiny_config
+
+    cfg = Config()
+    cfg.data.batch_size, cfg.queue.size = 32, 4096
+    assert queue_warnings(cfg, world_size=64) == []  # 2048 keys per step: the queue holds 2 steps
+    warned = queue_warnings(cfg, world_size=128)  # 4096 keys per step: every step replaces it
+    assert len(warned) == 1 and "queue.size (4096)" in warned[0] and "= 4096" in warned[0]
+    cfg.optim.accum_steps = 2
+    assert queue_warnings(cfg, world_size=64)  # accumulation enqueues 2 x 64 x 32 per step
+    cfg.queue.enabled = False
+    assert queue_warnings(cfg, world_size=128) == []
+    small = tiny_config(batch=8, queue=16)  # 2 ranks x 8 = 16 keys per step
+    p = plan.plan(small, "a100-40gb", world_size=2, vocab_size=120)
+    assert any("queue.size (16)" in n for n in p.notes) and "note: queue.size (16)" in p.table()

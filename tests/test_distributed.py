@@ -3,6 +3,7 @@
 CLIP mode, the 2-process training equal to one process training on the global batch."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,9 +13,9 @@ from safetensors.torch import load_file
 
 from moco_mm import distributed as D
 from moco_mm.config import QueueConfig
-from moco_mm.model import DualQueueMoCo
+from moco_mm.model import LOSSES, DualQueueMoCo
 from tests.tiny import tiny_batch, tiny_model_config
-from tests.trainrun import ROOT, free_port, run
+from tests.trainrun import ROOT, build_demo, free_port, run, tiny_train_config, write_config
 
 
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> None:
@@ -94,3 +95,32 @@ def test_clip_mode_two_processes_train_like_one_process_on_the_global_batch(tmp_
         assert torch.allclose(r0[name], value, rtol=1e-4, atol=1e-5), name
         moved += not torch.equal(start, value)
     assert moved > 10  # the comparison is between trained weights, not initial ones
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_trains_under_ddp_with_a_learnable_temperature(tmp_path, loss):
+    """DDP stops a run whose trained parameter gets no gradient; the margin losses ignore
+    the temperature, so it must not be a trained parameter for them."""
+    torchrun(ROOT / "tests/scripts/dist_steps.py", "--out", str(tmp_path), "--steps", "2", "--loss", loss)
+    r0 = load_file(tmp_path / "rank0_final.safetensors")
+    r1 = load_file(tmp_path / "rank1_final.safetensors")
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_ranks_draw_their_own_dropout_masks_with_identical_weights(tmp_path):
+    """The trainer seeds construction identically on every rank and each rank's
+    generators differently afterwards: same input, train mode (dropout 0.1, drop-path)
+    -> different outputs per rank; weights and key towers identical."""
+    demo = build_demo(tmp_path / "demo")
+    cfg = tiny_train_config(demo, tmp_path / "run", data={"batch_size": 4, "workers": 0})
+    cfg["model"]["image"]["kwargs"]["drop_path_rate"] = 0.2
+    cfg["model"]["text"]["overrides"].update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    config = write_config(cfg, tmp_path / "c.yaml")
+    torchrun(ROOT / "tests/scripts/rank_rng.py", "--config", str(config), "--out", str(tmp_path / "out.json"))
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert res["weights_equal"], "ranks built different weights"
+    assert not res["train_outputs_equal"], "every rank drew the same dropout masks"
+    assert res["eval_outputs_equal"]  # no dropout in eval mode: the difference is the masks

@@ -97,9 +97,9 @@ def test_temperature_learnable_in_range_and_clamped():
     assert "query.log_temperature" in names
     with torch.no_grad():
         m.query.log_temperature.fill_(math.log(5.0))
-    assert m.query.temperature().item() == pytest.approx(0.5)  # clamped in use
-    m.query.clamp_temperature()
+    m.query.clamp_temperature()  # the clamp after each step is the only limit
     assert m.query.log_temperature.item() == pytest.approx(math.log(0.5))
+    assert m.query.temperature().item() == pytest.approx(0.5)
     fixed = DualQueueMoCo(tiny_model_config(learn_temperature=False), QueueConfig(size=8))
     assert "query.log_temperature" not in dict(fixed.named_parameters())
     assert "query.log_temperature" in fixed.state_dict()
@@ -255,3 +255,104 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert ga.keys() == gb.keys()
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bound", ["min", "max"])
+def test_temperature_comes_back_from_either_bound(bound):
+    """Pushed against a bound until the clamp holds it there, then pushed the other way,
+    the temperature moves back inside: the gradient at the stored bound is not zero."""
+    torch.manual_seed(5)
+    m = DualQueueMoCo(tiny_model_config(temperature=0.07, temperature_min=0.01, temperature_max=0.5),
+                      QueueConfig(size=8))
+    opt = torch.optim.SGD([m.query.log_temperature], lr=0.2)
+    # loss = sign * log T: gradient descent lowers T for sign +1, raises it for -1
+    first = 1.0 if bound == "min" else -1.0
+    limit = 0.01 if bound == "min" else 0.5
+    for sign, steps in ((first, 60), (-first, 3)):
+        for _ in range(steps):
+            (sign * m.query.temperature().log()).backward()
+            opt.step()
+            opt.zero_grad()
+            m.query.clamp_temperature()
+        if sign == first:
+            assert m.query.temperature().item() == pytest.approx(limit, rel=1e-6)
+            # at the stored bound, a loss that wants T back inside has a gradient
+            (-sign * m.query.temperature().log()).backward()
+            assert m.query.log_temperature.grad.abs().item() > 0
+            opt.zero_grad()
+    assert 0.01 < m.query.temperature().item() < 0.5  # came back inside
+
+
+@pytest.mark.parametrize("loss,trained", [("infonce", True), ("vse_max", False), ("vse_sum", False)])
+def test_temperature_is_trained_only_for_objectives_that_use_it(loss, trained):
+    m = DualQueueMoCo(tiny_model_config(loss=loss, learn_temperature=True), QueueConfig(size=8))
+    assert ("query.log_temperature" in dict(m.named_parameters())) == trained
+    assert "query.log_temperature" in m.state_dict()  # saved either way
+    out = m(**tiny_batch(4, 1))
+    out.loss.backward()
+    # every trained parameter gets a gradient (what DDP requires)
+    missing = [n for n, p in m.query.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+
+
+def test_batchnorm_running_stats_update_once_with_gradient_checkpointing():
+    """Checkpointing recomputes a block in backward; BatchNorm must not update its running
+    statistics a second time (num_batches_tracked 2, doubled momentum)."""
+    def after_one_step(ckpt: bool):
+        cfg = tiny_bn_model_config()
+        cfg.image.grad_checkpointing = ckpt
+        torch.manual_seed(11)
+        m = DualQueueMoCo(cfg, QueueConfig(size=8))
+        out = m(**tiny_batch(6, 3))
+        out.loss.backward()
+        bn = {n: b.clone() for n, b in m.query.image.named_buffers()}
+        grads = {n: p.grad.clone() for n, p in m.query.image.named_parameters() if p.grad is not None}
+        return bn, grads
+
+    plain, g_plain = after_one_step(False)
+    ckpt, g_ckpt = after_one_step(True)
+    assert any(n.endswith("num_batches_tracked") for n in plain)
+    for n, v in plain.items():
+        if n.endswith("num_batches_tracked"):
+            assert int(ckpt[n]) == int(v) == 1, n
+        else:
+            torch.testing.assert_close(ckpt[n], v, rtol=1e-5, atol=1e-6, msg=n)
+    for n in g_plain:  # the recompute itself is unchanged
+        torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_trainable_blocks_with_checkpointing_get_gradients():
+    """Frozen early blocks + checkpointing: with reentrant checkpointing the trainable
+    blocks after them get no gradient at all. Our towers ask for non-reentrant
+    checkpointing whatever the library's global default says."""
+    from timm.layers import set_reentrant_ckpt
+
+    set_reentrant_ckpt(True)  # what TIMM_REENTRANT_CKPT=1 or an old default would give
+    try:
+        cfg = tiny_model_config()
+        cfg.image.trainable_blocks = cfg.text.trainable_blocks = 1
+        cfg.image.grad_checkpointing = cfg.text.grad_checkpointing = True
+        torch.manual_seed(2)
+        m = DualQueueMoCo(cfg, QueueConfig(size=8))
+        out = m(**tiny_batch(4, 5))
+        out.loss.backward()
+        got = {n for n, p in m.query.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert any(n.startswith("image.backbone.blocks.1.") for n in got)
+        assert any(".layer.1." in n and n.startswith("text.") for n in got)
+        assert not any(n.startswith("image.backbone.blocks.0.") for n in got)
+    finally:
+        set_reentrant_ckpt(False)
+
+
+def test_mean_negative_sim_counts_only_unmasked_negatives():
+    from moco_mm.model.dual_queue import mean_negative_sim
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    neg = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
+    q_ids = torch.tensor([40, 10, 30, 20, 50])
+    neg_ids = torch.tensor([10, 11, 30, 12, 10, 13, 20, 14, 15, 16, 17, 99])
+    sims = q @ neg.T
+    keep = q_ids[:, None] != neg_ids[None, :]
+    want = torch.stack([sims[i][keep[i]].mean() for i in range(5)]).mean()
+    torch.testing.assert_close(mean_negative_sim(q, q_ids, neg, neg_ids), want)

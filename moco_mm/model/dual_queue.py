@@ -36,7 +36,7 @@ from torch import nn
 
 from moco_mm import distributed as D
 from moco_mm.config import ModelConfig, QueueConfig, validate_model, validate_queue
-from moco_mm.model.losses import LOSSES
+from moco_mm.model.losses import LOSSES, learns_temperature
 from moco_mm.model.queue import FeatureQueue
 from moco_mm.model.towers import ImageTower, TextTower, build_towers, has_batchnorm
 
@@ -55,7 +55,8 @@ class QueryTowers(nn.Module):
     """What the optimizer trains: both query towers and the (log) temperature.
 
     The temperature lives here so that, under DDP, its gradient is averaged across ranks
-    like every other trained parameter.
+    like every other trained parameter. It is a parameter only when it is learnt AND the
+    objective uses it (`learns_temperature`); otherwise a buffer.
     """
 
     def __init__(self, image: ImageTower, text: TextTower, cfg: ModelConfig):
@@ -63,7 +64,7 @@ class QueryTowers(nn.Module):
         self.image = image
         self.text = text
         log_t = torch.tensor(math.log(cfg.temperature))
-        if cfg.learn_temperature:
+        if learns_temperature(cfg.loss, cfg.learn_temperature):
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)
@@ -71,8 +72,14 @@ class QueryTowers(nn.Module):
         self.log_t_max = math.log(cfg.temperature_max)
 
     def temperature(self) -> torch.Tensor:
-        """0-d tensor, within [temperature_min, temperature_max] also between clamps."""
-        return self.log_temperature.clamp(self.log_t_min, self.log_t_max).exp()
+        """0-d tensor exp(log_temperature).
+
+        Not clamped here: `clamp_temperature` after every optimizer step is the only limit
+        (as in CLIP and ALBEF), so the stored value is always in range. A clamp in the
+        forward would have a zero gradient at the bound, and a temperature that touched
+        it could never come back inside.
+        """
+        return self.log_temperature.exp()
 
     def forward(self, image, input_ids, attention_mask):
         """-> q_img [B,D], q_txt [B,D] (unit rows), temperature (0-d)."""
@@ -187,6 +194,22 @@ class DualQueueMoCo(nn.Module):
         if k_bufs:
             torch._foreach_copy_(k_bufs, q_bufs)
 
+    def query_bn_state(self) -> list[torch.Tensor]:
+        """Copies of the query towers' BatchNorm buffers (running mean/var, batch count);
+        empty for towers without BatchNorm."""
+        return [b.detach().clone() for b in self._query_bn_buffers()]
+
+    @torch.no_grad()
+    def load_query_bn_state(self, saved: list[torch.Tensor]) -> None:
+        """Put back what `query_bn_state` copied (a skipped non-finite step)."""
+        bufs = self._query_bn_buffers()
+        if bufs:
+            torch._foreach_copy_(bufs, saved)
+
+    def _query_bn_buffers(self) -> list[torch.Tensor]:
+        return [b for m in self.query.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for b in m.buffers()]
+
     # --- keys --------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -256,8 +279,9 @@ class DualQueueMoCo(nn.Module):
         with torch.no_grad():
             pos_sim = 0.5 * (torch.linalg.vecdot(q_img.float(), k_txt.float()).mean()
                              + torch.linalg.vecdot(q_txt.float(), k_img.float()).mean())
-            # Mean similarity to the negatives is linear in them: q . mean(n).
-            neg_sim = 0.5 * (_mean_sim(q_img, neg_txt) + _mean_sim(q_txt, neg_img))
+            # Over the negatives the loss counts (stale copies of the positive excluded).
+            neg_sim = 0.5 * (mean_negative_sim(q_img, ids, neg_txt, neg_txt_ids)
+                             + mean_negative_sim(q_txt, ids, neg_img, neg_img_ids))
         return StepOutput(
             loss=loss_i2t + loss_t2i, loss_i2t=loss_i2t, loss_t2i=loss_t2i,
             temperature=temperature.detach(), keys_img=all_img.detach(), keys_txt=all_txt.detach(),
@@ -299,7 +323,25 @@ def _unpack(packed: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, t
     return packed[:, :d], packed[:, d:2 * d], ids
 
 
-def _mean_sim(q: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    if negatives.shape[0] == 0:
+@torch.no_grad()
+def mean_negative_sim(q: torch.Tensor, q_ids: torch.Tensor, negatives: torch.Tensor,
+                      neg_ids: torch.Tensor) -> torch.Tensor:
+    """Mean over rows i of the mean similarity q_i . n_j over the negatives the loss counts
+    (those with neg_ids[j] != q_ids[i]); 0-d float32.
+
+    Linear in the negatives, so no [B, N] matrix: row i's sum is q_i . (sum_j n_j - the
+    negatives carrying its id). Each negative's id matches at most one query row (a
+    batch's ids are distinct), found by a binary search; no host sync.
+    """
+    n = negatives.shape[0]
+    if n == 0:
         return torch.zeros((), device=q.device)
-    return (q.detach().float() @ negatives.detach().float().mean(0)).mean()
+    q, negatives = q.detach().float(), negatives.detach().float()
+    sorted_ids, order = q_ids.sort()
+    slot = torch.searchsorted(sorted_ids, neg_ids).clamp(max=q.shape[0] - 1)
+    hit = (sorted_ids[slot] == neg_ids).float()
+    row = order[slot]
+    own = torch.zeros_like(q).index_add_(0, row, negatives * hit[:, None])  # [B, D]
+    count = n - torch.zeros(q.shape[0], device=q.device).index_add_(0, row, hit)
+    per_row = torch.linalg.vecdot(q, negatives.sum(0) - own) / count.clamp(min=1)
+    return per_row.mean()

@@ -91,3 +91,12 @@ def vse_sum(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, margin:
 
 
 LOSSES: dict[str, LossFn] = {"infonce": queue_infonce, "vse_max": vse_max, "vse_sum": vse_sum}
+# Objectives whose value depends on the temperature. Only for these is a learnable
+# temperature a trained parameter: under DDP a parameter that never gets a gradient
+# stops the run ("Expected to have finished reduction in the prior iteration").
+TEMPERATURE_LOSSES = frozenset({"infonce"})
+
+
+def learns_temperature(loss: str, learn_temperature: bool) -> bool:
+    """Is the temperature a trained parameter for this objective and setting?"""
+    return learn_temperature and loss in TEMPERATURE_LOSSES

@@ -43,6 +43,40 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def keep_bn_stats_in_recompute(module: nn.Module) -> None:
+    """Make BatchNorm layers of a checkpointed tower update their running statistics once.
+
+    Gradient checkpointing runs a block's forward again inside backward; in train mode
+    BatchNorm would then update its running mean/var (and batch count) a second time,
+    doubling the effective momentum. A forward that runs inside a backward pass is such a
+    recomputation (an ordinary forward never is): these hooks put the statistics back
+    after it. Its outputs are unaffected (train-mode BatchNorm normalises with the batch's
+    own statistics).
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            m.register_forward_pre_hook(_stash_bn_stats)
+            m.register_forward_hook(_restore_bn_stats)
+
+
+def _in_backward() -> bool:
+    # The autograd engine's current graph task: -1 outside backward.
+    return torch._C._current_graph_task_id() != -1
+
+
+def _stash_bn_stats(m: nn.Module, _args) -> None:
+    if m.training and _in_backward():
+        m._stats_before_recompute = [b.detach().clone() for b in m.buffers()]
+
+
+@torch.no_grad()
+def _restore_bn_stats(m: nn.Module, _args, _out) -> None:
+    saved = m.__dict__.pop("_stats_before_recompute", None)
+    if saved is not None:
+        for b, v in zip(m.buffers(), saved):
+            b.copy_(v)
+
+
 def _freeze_all_but_last(groups: list[list[nn.Parameter]], n: int) -> None:
     """Freeze every parameter group but the last `n` (n = -1: train everything)."""
     if n < 0:
@@ -105,6 +139,7 @@ def build_timm_backbone(cfg: ImageTowerConfig) -> nn.Module:
 
         set_reentrant_ckpt(False)
         model.set_grad_checkpointing(True)
+        keep_bn_stats_in_recompute(model)
     if cfg.trainable_blocks >= 0:
         from timm.models import group_parameters
 
@@ -191,6 +226,7 @@ def build_hf_backbone(cfg: TextTowerConfig, vocab_size: int | None = None) -> nn
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
+        keep_bn_stats_in_recompute(model)
     if cfg.trainable_blocks >= 0:
         layers = _hf_layers(model)
         groups = [list(getattr(model, "embeddings", nn.Module()).parameters())]

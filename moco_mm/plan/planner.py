@@ -57,7 +57,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from moco_mm.config import Config
+from moco_mm.config import Config, queue_warnings
+from moco_mm.model.losses import learns_temperature
 from moco_mm.plan.loss import LossFootprint, loss_footprint, loss_model
 from moco_mm.plan.profiles import ModelProfile, default_vocab_size, profile_model
 from moco_mm.plan.trace import _F32, _I64, _QUEUE_BYTES, GIB
@@ -225,10 +226,11 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
                 shuffle += (wb + b) * tower.input_bytes_per_sample + 2 * wb * d * _F32
     g = wb if m.in_batch_negatives else 0
     bf16 = profile.precision == "bf16"
+    learnt_t = learns_temperature(m.loss, m.learn_temperature)
     if exact_loss:
-        lf = loss_footprint(m.loss, m.learn_temperature, d, b, k, g, cfg.queue.dtype, bf16, clip)
+        lf = loss_footprint(m.loss, learnt_t, d, b, k, g, cfg.queue.dtype, bf16, clip)
     else:
-        fit = loss_model(m.loss, m.learn_temperature, d, m.in_batch_negatives, cfg.queue.dtype, bf16, clip)
+        fit = loss_model(m.loss, learnt_t, d, m.in_batch_negatives, cfg.queue.dtype, bf16, clip)
         lf = LossFootprint(**{name: f.at(b, k + g) for name, f in fit.items()})
     img, txt = profile.image, profile.text
 
@@ -344,6 +346,7 @@ def plan(cfg: Config, gpu: str | GpuSpec, world_size: int = 8, *, vocab_size: in
     else:
         max_queue = 0
         notes.append("queue.enabled is false: no queue is held (max_queue_size 0)")
+    notes += queue_warnings(cfg, world_size)
     return MemoryPlan(
         gpu=spec.name, capacity_bytes=spec.capacity_bytes, world_size=world_size, batch_per_gpu=b,
         queue_size=k if cfg.queue.enabled else 0, embed_dim=cfg.model.embed_dim, precision=profile.precision,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moco_mm.config import Config, ConfigError, ModelConfig
+from moco_mm.model.losses import learns_temperature
 from moco_mm.plan.trace import _F32, _I64, TowerProfile, _fake_mode, _profile_fake_tower
 
 
@@ -179,7 +180,7 @@ def profile_model(cfg: Config, vocab_size: int | None = None, depth_extrapolatio
     image = tower_profile("image", cfg.model, dtype, vocab_size, depth_extrapolation)
     text = tower_profile("text", cfg.model, dtype, vocab_size, depth_extrapolation)
     temperature = _F32  # QueryTowers.log_temperature: a parameter if learnt, else a buffer
-    learnt = 1 if cfg.model.learn_temperature else 0
+    learnt = 1 if learns_temperature(cfg.model.loss, cfg.model.learn_temperature) else 0
     return ModelProfile(
         precision="fp32" if dtype is None else "bf16",
         vocab_size=vocab_size,

@@ -22,6 +22,7 @@ through that gather into every rank's towers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -32,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moco_mm import distributed as D
-from moco_mm.config import Config, ConfigError, dump_config, to_dict
+from moco_mm.config import Config, ConfigError, dump_config, queue_warnings, to_dict
 from moco_mm.data import LoaderState, ShardSource, build_transforms, iter_eval_batches, make_loader, steps_per_epoch
 from moco_mm.metrics import format_table, retrieval_metrics
 from moco_mm.model import DualQueueMoCo, load_tokenizer, momentum_at
@@ -43,6 +44,12 @@ log = logging.getLogger("moco_mm.train")
 
 # Config sections whose change makes a checkpoint's tensors or data position meaningless.
 _SHAPE_KEYS = ("model", "queue")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A 63-bit seed for (run seed, rank), different for every rank, stable across runs."""
+    digest = hashlib.sha256(f"moco_mm/rank-rng/{seed}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def lr_at(step: int, cfg) -> float:
@@ -105,6 +112,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.tokenizer = load_tokenizer(cfg.model.text)
         self.model = DualQueueMoCo(cfg.model, cfg.queue, vocab_size=len(self.tokenizer)).to(self.device)
+        # From here on each rank draws its own dropout and drop-path masks: the seed above
+        # made construction identical everywhere (the key towers are copies DDP never
+        # broadcasts); left as it is, row j of every rank's batch would get the same mask.
+        torch.manual_seed(rank_seed(cfg.run.seed, info.rank))  # CPU and every CUDA device
         # Only the query towers (and temperature) are trained, so only they go into DDP:
         # the key towers and queues are never broadcast (see model.py).
         self.query = (DDP(self.model.query, device_ids=[info.local_rank] if self.device.type == "cuda" else None)
@@ -125,6 +136,9 @@ class Trainer:
                                                 crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
         self.eval_transform = build_transforms(size, mean, std, train=False)
 
+        if info.is_main:
+            for warning in queue_warnings(cfg, info.world_size):
+                log.warning(warning)
         self.step = 0  # optimizer steps done
         self.loader_state = LoaderState.start(0, cfg.data.workers)
         self.counters = Counters()
@@ -257,14 +271,21 @@ class Trainer:
     # --- one optimizer step ------------------------------------------------------------
 
     def train_step(self, batches) -> dict:
-        """One optimizer step over `optim.accum_steps` micro-batches from `batches`."""
+        """One optimizer step over `optim.accum_steps` micro-batches from `batches`.
+
+        A step whose loss (on any rank) or gradient norm is not finite is skipped: weights,
+        key towers, BatchNorm running statistics, queues and optimizer state stay exactly
+        as they were; the step counter and the data position advance (its batches are
+        consumed and not retried).
+        """
         cfg = self.cfg
         accum = cfg.optim.accum_steps
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        m = momentum_at(self.step, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule)
-        self.model.momentum_update(m)
+        # The forward updates BatchNorm running statistics before anyone knows whether the
+        # step is finite: keep a copy to put back if it is not (a few KiB per tower).
+        bn_before = self.model.query_bn_state()
         stats = StepStats()
         outs = []
         for i in range(accum):
@@ -294,28 +315,35 @@ class Trainer:
         # rank-local, so its finiteness is agreed on with a collective.
         loss_bad = D.all_reduce_sum((~torch.isfinite(stats.loss)).float().reshape(1))
         finite = bool(torch.isfinite(grad_norm)) and float(loss_bad) == 0.0
+        m = momentum_at(self.step, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule)
         if finite:
             self.optimizer.step()
             self.model.query.clamp_temperature()
+            # The EMA that MoCo runs before the next step's keys, run here so that a skipped
+            # step cannot move the key towers (same trajectory: key(t+1) is computed from
+            # the query after step t, with the momentum of step t+1).
+            self.model.momentum_update(
+                momentum_at(self.step + 1, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule))
             for out in outs:
                 self.model.enqueue(out)
             self.counters.consecutive_bad = 0
         else:
+            self.model.load_query_bn_state(bn_before)
             self.counters.bad_steps += 1
             self.counters.consecutive_bad += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss = D.all_reduce_mean(stats.loss.reshape(1)).item()
+        mean = lambda t: D.all_reduce_mean(t.reshape(1)).item()  # noqa: E731 (every rank's rows count)
         return {
-            "loss": loss,
-            "loss_i2t": D.all_reduce_mean(stats.loss_i2t.reshape(1)).item(),
-            "loss_t2i": D.all_reduce_mean(stats.loss_t2i.reshape(1)).item(),
+            "loss": mean(stats.loss),
+            "loss_i2t": mean(stats.loss_i2t),
+            "loss_t2i": mean(stats.loss_t2i),
             "lr": lr,
             **({"momentum": m} if self.model.has_key_towers else {}),
             "temperature": self.model.query.temperature().item(),
             "grad_norm": float(grad_norm),
-            "pos_sim": float(stats.pos_sim),
-            "neg_sim": float(stats.neg_sim),
+            "pos_sim": mean(stats.pos_sim),
+            "neg_sim": mean(stats.neg_sim),
             "queue_fill": len(self.model.image_queue) / max(self.model.image_queue.size, 1),
             "data_s": stats.data_s,
             "finite": finite,

@@ -26,6 +26,7 @@ p.add_argument("--batch", type=int, default=3)  # per rank
 p.add_argument("--queue", type=int, default=10)  # not a multiple of the global batch
 p.add_argument("--bn", action="store_true")
 p.add_argument("--clip", action="store_true", help="model.momentum_encoder false, no queue")
+p.add_argument("--loss", default="infonce", help="model.loss (learn_temperature stays on, the default)")
 args = p.parse_args()
 out_dir = Path(args.out)
 
@@ -33,6 +34,7 @@ info = D.init_distributed("cpu")
 torch.manual_seed(0)  # identical initial weights on every rank
 cfg = tiny_bn_model_config() if args.bn else tiny_model_config()
 cfg.momentum_encoder = not args.clip
+cfg.loss = args.loss
 model = DualQueueMoCo(cfg, QueueConfig(size=args.queue, enabled=not args.clip))
 query = DDP(model.query) if info.world_size > 1 else model.query
 opt = torch.optim.SGD([p for p in model.query.parameters() if p.requires_grad], lr=0.5)
