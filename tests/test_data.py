@@ -1,5 +1,5 @@
-"""The training loader: exact content, equal steps on every rank, exact resume (also across a
-corrupt sample), a clear error instead of a hang, and the eval iterator."""
+"""The training loader: exact content (fingerprints included), equal steps on every rank, exact
+resume (also across a corrupt sample), a clear error instead of a hang, and the eval iterator."""
 
 from __future__ import annotations
 
@@ -18,11 +18,15 @@ from moco_mm.data import (
     LoaderState,
     ShardSource,
     build_transforms,
+    decode_sample,
     iter_eval_batches,
+    iter_raw_samples,
     make_loader,
     steps_per_epoch,
 )
 from moco_mm.data import make_shards as shards
+from moco_mm.data.fingerprints import bytes_fingerprint, group_fingerprint, image_fingerprint, text_fingerprint
+from moco_mm.data.samples import _BadSample
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 L = 12  # max_length
@@ -45,9 +49,18 @@ def png_for(sample_id: int) -> bytes:
     return out.getvalue()
 
 
-def members_for(sample_id: int, n_captions: int = 1) -> dict[str, bytes]:
+def group_for(sample_id: int) -> str | int | None:
+    """The group make_shard_dir(groups=True) gives a sample: a string, an int or none."""
+    return (None, f"query {sample_id % 4}", sample_id % 5)[sample_id % 3]
+
+
+def members_for(sample_id: int, n_captions: int = 1, group: bool = False) -> dict[str, bytes]:
+    """A sample as a shard written before make_shards stored `image_fp` (so the loader
+    fingerprints the PNG bytes); with `group`, KEY.json carries group_for(sample_id)."""
     captions = [caption_for(sample_id, v) for v in range(n_captions)]
     meta = {"sample_id": sample_id, "captions": captions, "source": f"{sample_id}.png"}
+    if group and group_for(sample_id) is not None:
+        meta["group"] = group_for(sample_id)
     return {"png": png_for(sample_id), "json": json.dumps(meta).encode(), "txt": captions[0].encode()}
 
 
@@ -60,16 +73,16 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
 
 
 def make_shard_dir(root: Path, counts: list[int], *, corrupt: dict[int, dict[str, bytes]] | None = None,
-                   n_captions: int = 1) -> tuple[Path, list[int]]:
-    """Shards of `counts` samples (ids 0..), no manifest; `corrupt` replaces members of given ids.
-    Returns (dir, ids of the good samples)."""
+                   n_captions: int = 1, groups: bool = False) -> tuple[Path, list[int]]:
+    """Shards of `counts` samples (ids 0..), no manifest; `corrupt` replaces members of given ids;
+    `groups`: KEY.json carries group_for(id). Returns (dir, ids of the good samples)."""
     root.mkdir(parents=True, exist_ok=True)
     corrupt = corrupt or {}
     next_id, good = 0, []
     for s, n in enumerate(counts):
         samples = []
         for _ in range(n):
-            members = members_for(next_id, n_captions)
+            members = members_for(next_id, n_captions, groups)
             members.update(corrupt.get(next_id, {}))
             if next_id not in corrupt:
                 good.append(next_id)
@@ -91,12 +104,15 @@ def loader(source, tokenizer, transform, **kw):
     return make_loader(source, **args)
 
 
-def check_batch(batch: dict, tokenizer, batch_size: int) -> None:
-    """Shapes/dtypes of the contract, and each row's image and caption belong to its sample_id."""
+def check_batch(batch: dict, tokenizer, batch_size: int, *, stored_fp: bool = False, groups: bool = False) -> None:
+    """Shapes/dtypes of the contract, and each row's image, caption and fingerprints belong to its
+    sample_id. stored_fp: written by make_shards (KEY.json image_fp), else by make_shard_dir
+    (fingerprint of the PNG bytes); groups: make_shard_dir(groups=True)."""
     assert batch["image"].shape == (batch_size, 3, SIZE, SIZE) and batch["image"].dtype == torch.float32
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (batch_size, L)
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
     assert batch["sample_id"].shape == (batch_size,) and batch["sample_id"].dtype == torch.int64
+    assert batch["fingerprints"].shape == (batch_size, 3) and batch["fingerprints"].dtype == torch.int64
     for key in ("n_skipped", "worker_id", "worker_pos", "step"):
         assert batch[key].shape == () and batch[key].dtype == torch.int64
     for row, sid in enumerate(batch["sample_id"].tolist()):
@@ -104,6 +120,14 @@ def check_batch(batch: dict, tokenizer, batch_size: int) -> None:
         assert (pixels == torch.tensor(colour_for(sid)).view(3, 1, 1)).all(), sid
         text = tokenizer.decode(batch["input_ids"][row], skip_special_tokens=True)
         assert text in (caption_for(sid, 0), caption_for(sid, 1)), (sid, text)
+        text_fp, image_fp, group_fp = batch["fingerprints"][row].tolist()
+        assert text_fp == text_fingerprint(text)  # the caption chosen this epoch, not another
+        if stored_fp:
+            assert image_fp == image_fingerprint(Image.new("RGB", (SIZE + 3, SIZE), colour_for(sid)))
+        else:
+            assert image_fp == bytes_fingerprint(png_for(sid))
+        group = group_for(sid) if groups else None
+        assert group_fp == (-1 if group is None else group_fingerprint(group))
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
@@ -138,7 +162,7 @@ def test_loader_delivers_exactly_the_good_samples(tmp_path, tokenizer, transform
     assert len(epoch) == len(batches) == 4
     assert sorted(ids(batches)) == [i for i in range(14) if i not in (3, 9)]
     for t, b in enumerate(batches):
-        check_batch(b, tokenizer, 3)
+        check_batch(b, tokenizer, 3, stored_fp=True)
         assert int(b["step"]) == t and int(b["n_skipped"]) == 0
 
 
@@ -180,13 +204,19 @@ def test_start_step_equals_dropping_the_first_batches(tmp_path, tokenizer, trans
 
 
 def test_resume_from_positions_is_exact_across_corrupt_samples(tmp_path, tokenizer, transform):
-    corrupt = {13: {"png": b"\x89PNG but not really"}, 24: {"json": b"{not json"}}
-    src, good = make_shard_dir(tmp_path, [10, 10, 10, 10], corrupt=corrupt)
+    bad_fp = json.dumps({"sample_id": 31, "captions": ["photo three one"], "image_fp": -5}).encode()
+    bad_group = json.dumps({"sample_id": 36, "captions": ["photo three six"], "group": 1.5}).encode()
+    corrupt = {13: {"png": b"\x89PNG but not really"}, 24: {"json": b"{not json"}, 31: {"json": bad_fp},
+               36: {"json": bad_group}}
+    # Two captions and groups: the fingerprints (caption choice included) must replay too.
+    src, good = make_shard_dir(tmp_path, [10, 10, 10, 10], corrupt=corrupt, n_captions=2, groups=True)
     source = ShardSource.from_spec(src)
     full = list(loader(source, tokenizer, transform, workers=2))
     assert len(full) == 10
-    assert sum(int(b["n_skipped"]) for b in full) == 2
+    assert sum(int(b["n_skipped"]) for b in full) == 4
     assert set(ids(full)) <= set(good)
+    for b in full:
+        check_batch(b, tokenizer, 4, groups=True)
     state = LoaderState.start(epoch=0, workers=2)
     plain_differs = False
     for s in range(1, len(full)):
@@ -201,6 +231,42 @@ def test_resume_from_positions_is_exact_across_corrupt_samples(tmp_path, tokeniz
     assert plain_differs
     with pytest.raises(ValueError, match="workers changed"):
         loader(source, tokenizer, transform, workers=0, start_step=2, positions=[8, 8])
+
+
+def test_batches_carry_fingerprints_and_malformed_ones_are_skipped(tmp_path, tokenizer, transform):
+    def sample(sid: int, caption: str, **extra) -> tuple[str, dict[str, bytes]]:
+        meta = {"sample_id": sid, "captions": [caption], **extra}
+        return shards.sample_key(sid), {"png": png_for(sid), "json": json.dumps(meta).encode()}
+
+    write_tar(tmp_path / "shard-000000.tar", [
+        sample(0, "photo one two", image_fp=12345, group="q"),
+        sample(1, "Photo  one two.", group=7),  # the same text once normalised; no image_fp
+        sample(2, "photo two", image_fp=12345, group=None),  # an image duplicate of 0; null: no group
+        sample(3, "photo three", image_fp="12345"),  # malformed: skipped and counted
+        sample(4, "photo four", image_fp=True),
+        sample(5, "photo five", image_fp=2**63),  # does not fit int64
+        sample(6, "photo six", group={"q": 1}),
+        sample(7, "picture seven", group="q"),
+        sample(8, "picture eight", image_fp=0),
+        sample(9, "picture nine", group="7"),
+    ])
+    source = ShardSource.from_spec(tmp_path)
+    (batch,) = list(loader(source, tokenizer, transform, batch_size=6, shuffle_buffer=0))
+    assert batch["sample_id"].tolist() == [0, 1, 2, 7, 8, 9] and int(batch["n_skipped"]) == 4
+    text, image, group = batch["fingerprints"].T.tolist()
+    assert text[0] == text[1] == text_fingerprint("photo one two") != text[2]
+    assert text[3:] == [text_fingerprint(c) for c in ("picture seven", "picture eight", "picture nine")]
+    assert image == [12345, bytes_fingerprint(png_for(1)), 12345, bytes_fingerprint(png_for(7)), 0,
+                     bytes_fingerprint(png_for(9))]
+    assert group == [group_fingerprint("q"), group_fingerprint(7), -1, group_fingerprint("q"), -1,
+                     group_fingerprint("7")]
+    assert group[0] == group[3] and group[1] != group[5]  # 7 and "7" are different groups
+    assert min(text + image) >= 0
+    raws = list(iter_raw_samples(source.urls[0]))
+    for i, key in ((3, "image_fp"), (4, "image_fp"), (5, "image_fp"), (6, "group")):
+        with pytest.raises(_BadSample, match=f"'{key}' must be"):
+            decode_sample(raws[i])
+    assert decode_sample(raws[2]).group_fp == -1 and decode_sample(raws[2]).image_fp == 12345
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -1,15 +1,18 @@
 """The demo generator: deterministic bytes, disjoint split ids, idempotent, a loadable tokenizer,
-and shards the loader can feed 2 ranks x 2 workers from."""
+shards the loader can feed 2 ranks x 2 workers from, and exact duplicate images in train only."""
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 
 from transformers import AutoTokenizer
 
 from moco_mm.data import ShardSource, build_transforms, make_loader
-from moco_mm.data.demo import COLOURS, SHAPES, DemoParams, build_demo, render_pair
+from moco_mm.data import make_shards as shards
+from moco_mm.data.demo import COLOURS, SHAPES, DemoParams, build_demo, duplicate_plan, render_pair
+from moco_mm.data.fingerprints import image_fingerprint
 
 SMALL = DemoParams(seed=3, n_train=48, n_val=16, image_size=32, train_shards=4, val_shards=2)
 
@@ -60,6 +63,9 @@ def test_tokenizer_round_trips_and_loader_reads_the_demo(tmp_path):
         batches = list(loader)
         assert len(batches) == len(loader) == 6
         seen += [i for b in batches for i in b["sample_id"].tolist()]
+        for b in batches:
+            assert b["fingerprints"].shape == (4, 3) and (b["fingerprints"][:, :2] >= 0).all()
+            assert (b["fingerprints"][:, 2] == -1).all()  # the demo has no groups
     assert sorted(seen) == list(range(48))  # 4 shards of 12 over 4 readers: nothing dropped
 
 
@@ -72,3 +78,46 @@ def test_captions_describe_the_scene():
             words = c.split()
             assert any(s in words for s in SHAPES) and any(k in words for k in COLOURS)
             assert "small" in words or "large" in words
+
+
+def _samples(split_dir):
+    """sample_id -> (KEY.json, stored image bytes, decoded RGB) of every sample of a split."""
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    out = {}
+    for shard in manifest["shards"]:
+        groups = collections.defaultdict(dict)
+        for name, data in shards.iter_shard_members(split_dir / shard):
+            key, ext = name.split(".", 1)
+            groups[key][ext] = data
+        for members in groups.values():
+            meta = json.loads(members["json"])
+            out[meta["sample_id"]] = (meta, members["png"], shards.to_rgb(shards.decode_image(members["png"])))
+    return out
+
+
+def test_train_has_duplicate_images_under_other_ids_and_val_has_none(tmp_path):
+    paths = build_demo(tmp_path, SMALL)
+    train = _samples(paths.train)
+    by_fp = collections.defaultdict(list)
+    for sid, (meta, _, rgb) in train.items():
+        assert meta["image_fp"] == image_fingerprint(rgb)  # the fingerprint of the stored pixels
+        by_fp[meta["image_fp"]].append(sid)
+    dup_sets = [sorted(ids) for ids in by_fp.values() if len(ids) > 1]
+    n_copies = sum(len(ids) - 1 for ids in dup_sets)
+    assert n_copies == round(SMALL.duplicate_image_fraction * SMALL.n_train) == 2
+    for original, *copies in dup_sets:
+        meta, raw, rgb = train[original]
+        for c in copies:
+            c_meta, c_raw, c_rgb = train[c]
+            assert c != original and c_raw != raw  # another sample, another file: same pixels
+            assert c_rgb.tobytes() == rgb.tobytes() and c_meta["image_fp"] == meta["image_fp"]
+            assert c_meta["captions"] and set(c_meta["captions"]) <= set(meta["captions"])
+    val = _samples(paths.val)
+    assert len({m["image_fp"] for m, _, _ in val.values()}) == len(val)  # no duplicates in val
+
+    # No copies when asked for none; the plan itself is a pure function of its rng.
+    none = build_demo(tmp_path / "none", DemoParams(**{**SMALL.__dict__, "duplicate_image_fraction": 0.0}))
+    assert len({m["image_fp"] for m, _, _ in _samples(none.train).values()}) == SMALL.n_train
+    plan = duplicate_plan(random.Random(1), 1000, 0.05)
+    assert plan == duplicate_plan(random.Random(1), 1000, 0.05) and len(plan) == 50
+    assert all(orig < copy and orig not in plan for copy, orig in plan.items())

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from moco_mm.data import make_shards as shards
+from moco_mm.data.fingerprints import image_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,8 @@ GOOD = ["rgb.jpg", "cmyk.jpg", "grey16.png", "grey.png", "palette.png", "rgba.pn
 
 
 def read_shards(out: Path) -> tuple[dict, list[dict]]:
-    """(manifest, samples in shard order); each sample has id, captions, image (PIL), ext, shard."""
+    """(manifest, samples in shard order); each sample has id, captions, image (PIL), ext, shard,
+    raw (image bytes), meta (KEY.json). Checks every sample's `image_fp` against its stored pixels."""
     manifest = json.loads((out / "manifest.json").read_text())
     samples = []
     for shard in manifest["shards"]:
@@ -72,8 +74,10 @@ def read_shards(out: Path) -> tuple[dict, list[dict]]:
             img.load()
             assert key == shards.sample_key(meta["sample_id"])
             assert members["txt"].decode() == meta["captions"][0]
+            # The fingerprint of what a reader decodes, also for images re-encoded as JPEG.
+            assert meta["image_fp"] == image_fingerprint(shards.to_rgb(shards.decode_image(members[ext])))
             samples.append({"id": meta["sample_id"], "captions": meta["captions"], "image": img, "ext": ext,
-                            "source": meta["source"], "shard": shard, "raw": members[ext]})
+                            "source": meta["source"], "shard": shard, "raw": members[ext], "meta": meta})
     return manifest, samples
 
 
@@ -321,3 +325,85 @@ def test_jsonl_caption_lists_merge_across_lines(tmp_path):
     ]
     assert (manifest["rows"], manifest["samples"], manifest["merged_rows"], manifest["skipped"]) == (5, 2, 3, 0)
     assert [i for i, _, _ in _eval_samples(tmp_path / "out")] == [0, 1]
+
+
+def test_image_fp_follows_pixels_and_groups_are_kept(tmp_path):
+    img_dir = tmp_path / "img"
+    pixels = Image.fromarray(_noise(10, 14, seed=30))
+    _save(pixels, img_dir / "same.png", "PNG")
+    _save(pixels, img_dir / "same_fast.png", "PNG", compress_level=1)  # same pixels, other bytes
+    _save(pixels, img_dir / "same.bmp", "BMP")  # re-encoded as PNG by make_shards
+    _save(Image.fromarray(_noise(10, 14, seed=31)), img_dir / "other.png", "PNG")
+    _save(Image.fromarray(_noise(10, 14, seed=32)), img_dir / "rotated.jpg", "JPEG",
+          exif=_orientation_exif(6))  # re-encoded as JPEG: image_fp of the stored JPEG's pixels
+    assert (img_dir / "same.png").read_bytes() != (img_dir / "same_fast.png").read_bytes()
+
+    # CSV: an optional `group` column; an empty cell means no group.
+    csv_path = tmp_path / "pairs.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "image", "caption"])
+        w.writerows([
+            ["query one", "img/same.png", "a"],
+            ["", "img/same_fast.png", "b"],
+            ["7", "img/same.bmp", "c"],        # a CSV cell is a string: "7", not 7
+            ["query two", "img/other.png", "d"],
+            ["x", "img/rotated.jpg", "e"],
+            ["query three", "img/same.png", "f"],  # merged into row 0's sample: its group is dropped
+        ])
+    out = tmp_path / "csv_out"
+    manifest = shards.make_shards(csv_path, out, samples_per_shard=2, workers=2)
+    _, samples = read_shards(out)
+    meta = {s["source"]: s["meta"] for s in samples}
+    assert manifest["merged_rows"] == 1 and meta["img/same.png"]["captions"] == ["a", "f"]
+    fp = meta["img/same.png"]["image_fp"]
+    assert meta["img/same_fast.png"]["image_fp"] == fp and meta["img/same.bmp"]["image_fp"] == fp
+    assert fp == image_fingerprint(pixels)
+    assert meta["img/other.png"]["image_fp"] != fp
+    assert {s["source"]: s["ext"] for s in samples}["img/rotated.jpg"] == "jpg"  # re-encoded (EXIF)
+    assert {k: m.get("group") for k, m in meta.items()} == {
+        "img/same.png": "query one", "img/same_fast.png": None, "img/same.bmp": "7",
+        "img/other.png": "query two", "img/rotated.jpg": "x"}
+    assert "group" not in meta["img/same_fast.png"]  # absent, not null
+    out0 = tmp_path / "csv_out0"  # worker count still changes nothing
+    shards.make_shards(csv_path, out0, samples_per_shard=2, workers=0)
+    for name in manifest["shards"]:
+        assert (out0 / name).read_bytes() == (out / name).read_bytes()
+
+    # JSONL: `group` a string or an integer; another type skips the row with a reason. Of
+    # rows naming one image, the first usable row that has a group gives the sample's group.
+    lines = [
+        {"image": "img/same.png", "caption": "no group on the first row"},   # 0
+        {"image": "img/other.png", "caption": "o", "group": 42},            # 1
+        {"image": "img/same.png", "caption": "skipped", "group": 1.5},       # 2: bad type
+        {"image": "img/same.png", "caption": "s2", "group": "first"},        # 3: the sample's group
+        {"image": "img/same.png", "caption": "s3", "group": "second"},       # 4: dropped
+        {"image": "img/same.bmp", "caption": "b", "group": True},            # 5: bad type
+        {"image": "img/same.bmp", "caption": "b", "group": ["q"]},           # 6: bad type
+        {"image": "img/same_fast.png", "caption": "n", "group": None},       # 7: null: no group
+        {"image": "img/rotated.jpg", "caption": "r", "group": ""},           # 8: empty: no group
+    ]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines) + "\n" + '{"image": "img/other.png", '
+                     '"caption": "c", "group": "\\ud800"}\n')  # 9: lone surrogate
+    manifest = shards.make_shards(jsonl, tmp_path / "jsonl_out", samples_per_shard=10)
+    _, samples = read_shards(tmp_path / "jsonl_out")
+    assert [(s["id"], s["captions"], s["meta"].get("group")) for s in samples] == [
+        (0, ["no group on the first row", "s2", "s3"], "first"),
+        (1, ["o"], 42),
+        (7, ["n"], None),
+        (8, ["r"], None),
+    ]
+    assert samples[0]["meta"]["image_fp"] == fp and samples[2]["meta"]["image_fp"] == fp
+    reasons = {r["row"]: r["reason"] for r in manifest["skipped_rows"]}
+    assert set(reasons) == {2, 5, 6, 9}
+    assert "'group' must be a string or an integer, got float 1.5" in reasons[2]
+    assert "got bool true" in reasons[5] and "got list" in reasons[6]
+    assert "UTF-8" in reasons[9]
+    assert manifest["rows"] == manifest["samples"] + manifest["merged_rows"] + manifest["skipped"] == 10
+
+
+def _orientation_exif(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif

@@ -5,7 +5,8 @@ Read top to bottom, the data path is:
     make_shards.py  CSV/TSV/JSONL/image folder -> webdataset tars + manifest.json
     shard_io.py     URL patterns, opening local/pipe:/http(s) shards, tar members
     sources.py      a shard spec -> ShardSource (URLs + samples per shard)
-    samples.py      tar members -> RawSample -> decoded (sample_id, captions, image)
+    samples.py      tar members -> RawSample -> decoded (sample_id, captions, image, fingerprints)
+    fingerprints.py stable 63-bit fingerprints of caption text, image pixels, bytes, groups
     transforms.py   image -> normalised tensor (random draws from a given generator)
     loader.py       the epoch plan, the exact resumable training stream, the eval stream
     demo.py         the procedural demo set and its locally trained tokenizer
@@ -15,6 +16,14 @@ itself. It never imports `moco_mm.model` (its sibling) or anything above it (tra
 search, bench, cli); tests/test_layout.py checks this.
 """
 
+from moco_mm.data.fingerprints import (
+                                       FINGERPRINT_COLUMNS,
+                                       bytes_fingerprint,
+                                       group_fingerprint,
+                                       image_fingerprint,
+                                       normalize_caption,
+                                       text_fingerprint,
+)
 from moco_mm.data.loader import (
                                  EpochLoader,
                                  EpochPlan,
@@ -32,5 +41,6 @@ from moco_mm.data.transforms import ImageTransform, build_transforms
 __all__ = [
     "DataError", "ShardSource", "count_samples", "RawSample", "iter_raw_samples", "Decoded", "decode_sample",
     "ImageTransform", "build_transforms", "EpochPlan", "plan_epoch", "steps_per_epoch", "LoaderState",
-    "EpochLoader", "make_loader", "iter_eval_batches", "choose_caption",
+    "EpochLoader", "make_loader", "iter_eval_batches", "choose_caption", "FINGERPRINT_COLUMNS",
+    "normalize_caption", "text_fingerprint", "image_fingerprint", "bytes_fingerprint", "group_fingerprint",
 ]

@@ -17,7 +17,10 @@ MAKE_SHARDS_USAGE = """Write webdataset shards from a CSV/TSV, a JSONL file or a
         [--max-size 512] [--workers 8] [--id-offset 0] [--overwrite] [--no-progress]
 
 Rows naming the same image file become one sample holding all their captions (the first
-row's sample_id); the manifest counts them as `merged_rows`. Bad rows are skipped and listed
+row's sample_id, the first group given); the manifest counts them as `merged_rows`. An
+optional `group` column (CSV/TSV) or field (JSONL: a string or an integer) names pairs that
+must never be each other's negatives, e.g. the search query behind a click. Every sample's
+KEY.json records `image_fp`, the fingerprint of its stored pixels, and its `group`. Bad rows are skipped and listed
 in DIR/manifest.json (`skipped_rows`); the exit status is 0 unless the input as a whole is
 unusable (2)."""
 
@@ -39,7 +42,8 @@ def parse_bytes(text: str) -> int:
 def make_shards_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="moco-mm make-shards", description=MAKE_SHARDS_USAGE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", help="CSV/TSV (columns image, caption), JSONL (image, caption) or a folder")
+    ap.add_argument("input", help="CSV/TSV (columns image, caption[, group]), JSONL (image, caption[, group]) "
+                                          "or a folder")
     ap.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json")
     ap.add_argument("--samples-per-shard", type=int, default=1000, help="0: no count limit")
     ap.add_argument("--max-shard-bytes", type=parse_bytes, default=0, help="e.g. 1G; 0: no size limit")

@@ -12,8 +12,24 @@ so image->text and text->image retrieval are learnable by a tiny model on the CP
 measurable on the held-out split. With `captions_per_image=2` every image carries both
 phrasings (exercising the loader's per-epoch caption choice).
 
+Like web data, the train split holds exact duplicates, which the model's duplicate masking
+(batch `fingerprints`) is there for:
+  * repeated caption texts, by chance: almost every single-shape caption ("a small green
+    star in the top left": 72 shape phrases x 4 cells) and some two-shape ones recur on
+    other images; with the default parameters 3559 of the 8095 train captions (44%) are
+    also a caption of another image;
+  * repeated images: `duplicate_image_fraction` (default 0.05) of the train images,
+    round(fraction * n_train) of them at positions drawn from their own rng, are
+    pixel-identical copies of an earlier original (non-copy) image of the split, each saved
+    as its own PNG file at another zlib level (same pixels, different bytes: make_shards
+    keeps each as a sample of its own and gives both the same `image_fp`). A copy carries a
+    random non-empty subset of the original scene's captions in random order (with 2
+    captions: [a], [b], [a, b] or [b, a], equally likely).
+The held-out split has no duplicate images: an image present twice with different caption
+lists would make image->text retrieval ambiguous (only its own captions count as hits).
+
 Output layout (all written by `moco_mm.data.make_shards`):
-    OUT/train/      shard-*.tar + manifest.json, sample_id 0 .. n_train-1
+    OUT/train/      shard-*.tar + manifest.json, sample_id 0 .. n_train-1 (copies included)
     OUT/val/        shard-*.tar + manifest.json, sample_id n_train .. n_train+n_val-1 (disjoint)
     OUT/tokenizer/  a WordPiece tokenizer whose vocabulary is learned from the train captions,
                     in Hugging Face BERT format (see `train_tokenizer`):
@@ -56,7 +72,7 @@ CELLS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom
 RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 STAMP = "demo_build.json"
-_BUILD_VERSION = 2
+_BUILD_VERSION = 3  # 3: duplicate images in train, image_fp in KEY.json
 _SUPERSAMPLE = 4  # draw at 4x and reduce: anti-aliased edges without a blurry look
 
 
@@ -71,6 +87,7 @@ class DemoParams:
     captions_per_image: int = 2
     single_object_fraction: float = 0.25
     vocab_size: int = 512
+    duplicate_image_fraction: float = 0.05  # train only; see the module docstring
 
     def validate(self) -> None:
         for name in ("n_train", "n_val", "image_size", "train_shards", "val_shards", "vocab_size"):
@@ -80,6 +97,9 @@ class DemoParams:
             raise ValueError(f"demo_data: captions_per_image must be 1 or 2, got {self.captions_per_image}")
         if self.image_size < 16:
             raise ValueError(f"demo_data: image_size must be >= 16 to draw shapes, got {self.image_size}")
+        if not 0.0 <= self.duplicate_image_fraction < 1.0:
+            raise ValueError(f"demo_data: duplicate_image_fraction must be in [0, 1), "
+                             f"got {self.duplicate_image_fraction}")
 
 
 @dataclass(frozen=True)
@@ -186,15 +206,57 @@ def render_pair(rng: random.Random, image_size: int = 64, captions_per_image: in
 # ---------------------------------------------------------------------------------------
 
 
-def _render_split(folder: Path, rng: random.Random, n: int, p: DemoParams) -> tuple[Path, list[str]]:
-    """Render n pairs as PNGs + a JSONL (list captions) in `folder`; returns (jsonl, all captions)."""
+def duplicate_plan(rng: random.Random, n: int, fraction: float) -> dict[int, int]:
+    """{copy position: original position} for a split of n images: round(fraction * n)
+    copies (at most n - 1), each of a uniformly drawn earlier position that is not a copy.
+    Uses only `rng`."""
+    k = min(round(fraction * n), n - 1)
+    copies = set(rng.sample(range(1, n), k)) if k > 0 else set()
+    plan: dict[int, int] = {}
+    originals: list[int] = []
+    for i in range(n):  # in position order, so the draws do not depend on set order
+        if i in copies:
+            plan[i] = rng.choice(originals)  # position 0 is never a copy: never empty
+        else:
+            originals.append(i)
+    return plan
+
+
+def _copy_captions(rng: random.Random, captions: list[str]) -> list[str]:
+    """A random non-empty subset of `captions` in random order (all subsets and orders of a
+    given size equally likely; sizes uniform)."""
+    k = rng.randint(1, len(captions))
+    return rng.sample(captions, k)
+
+
+def _render_split(folder: Path, rng: random.Random, n: int, p: DemoParams,
+                  duplicates: dict[int, int] | None = None,
+                  dup_rng: random.Random | None = None) -> tuple[Path, list[str]]:
+    """Render n pairs as PNGs + a JSONL (list captions) in `folder`; returns (jsonl, all captions).
+
+    `duplicates` ({copy position: original position}, `duplicate_plan`) makes those positions
+    pixel copies of their original, with captions drawn from `dup_rng`; originals use `rng`
+    only, so the scenes do not depend on where the copies go.
+    """
     (folder / "images").mkdir(parents=True)
+    duplicates = duplicates or {}
     all_captions: list[str] = []
     lines = []
+    scenes: dict[int, tuple[Image.Image, list[str]]] = {}
+    keep = set(duplicates.values())  # originals some copy needs later (held in memory: 64x64 each)
     for i in range(n):
-        img, caps = render_pair(rng, p.image_size, p.captions_per_image, p.single_object_fraction)
         rel = f"images/{i:06d}.png"
-        img.save(folder / rel, format="PNG")
+        if i in duplicates:
+            assert dup_rng is not None
+            img, orig_caps = scenes[duplicates[i]]
+            caps = _copy_captions(dup_rng, orig_caps)
+            # Same pixels, other bytes: a web copy is rarely the same file.
+            img.save(folder / rel, format="PNG", compress_level=1)
+        else:
+            img, caps = render_pair(rng, p.image_size, p.captions_per_image, p.single_object_fraction)
+            img.save(folder / rel, format="PNG")
+            if i in keep:
+                scenes[i] = (img, caps)
         lines.append(json.dumps({"image": rel, "caption": caps}))
         all_captions.extend(caps)
     jsonl = folder / "pairs.jsonl"
@@ -290,7 +352,10 @@ def build_demo(out: str | Path, params: DemoParams | None = None, *, force: bool
     with tempfile.TemporaryDirectory(prefix="demo-render-", dir=root) as tmp:
         for name, n, n_shards, offset in splits:
             rng = random.Random(f"moco_mm.demo_data:{p.seed}:{name}")  # str seeds are stable
-            jsonl, caps = _render_split(Path(tmp) / name, rng, n, p)
+            dup_rng = random.Random(f"moco_mm.demo_data:{p.seed}:{name}:duplicates")
+            # Train only: see the module docstring (duplicates would blur val retrieval).
+            plan = duplicate_plan(dup_rng, n, p.duplicate_image_fraction) if name == "train" else {}
+            jsonl, caps = _render_split(Path(tmp) / name, rng, n, p, plan, dup_rng)
             if name == "train":
                 train_captions = caps
             shards.write_shards(

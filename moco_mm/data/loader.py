@@ -28,6 +28,12 @@ Batch (from `make_loader`), B = batch_size, L = max_length:
     input_ids      int64   [B, L]        padded to L (fixed shape), truncated
     attention_mask int64   [B, L]
     sample_id      int64   [B]           stable ids written by make_shards
+    fingerprints   int64   [B, 3]        columns (text, image, group), see data/fingerprints.py:
+                                         text  = text_fingerprint(the caption in input_ids),
+                                         image = KEY.json "image_fp" (stored pixels), or
+                                                 bytes_fingerprint(image member) for older shards,
+                                         group = group_fingerprint(KEY.json "group"), -1 if none.
+                                         Equal values = exact duplicates (never mask on -1).
     n_skipped      int64   []            corrupt raw samples skipped while making this batch
     worker_id      int64   []            the logical reader (0..workers-1) that made it
     worker_pos     int64   []            raw samples that reader has consumed after it
@@ -54,7 +60,8 @@ and the shard list):
     reader `(start_step + j) % K`, so the order is the same.
   * Augmentation draws come from a torch.Generator seeded from (seed, epoch, slot, raw
     position); the caption of a multi-caption sample is chosen from (caption_seed, epoch,
-    sample_id). No global RNG is touched.
+    sample_id). No global RNG is touched. Fingerprints are a pure function of the sample's
+    bytes and that caption choice, so they replay exactly too.
 
 Exact resume (what the trainer must store): `LoaderState` = {epoch, step, positions}, where
 `step` is the number of batches of this epoch already consumed and `positions[w]` is
@@ -65,7 +72,8 @@ samples were skipped; `start_step` alone assumes none were (position = batches *
 resumed reader re-reads (but does not decode) the raw samples before its position, so the
 shuffle buffer is rebuilt exactly.
 
-Corrupt samples (missing members, undecodable image, bad json/caption) are skipped,
+Corrupt samples (missing members, undecodable image, bad json/caption, a KEY.json
+"image_fp" that is not an integer in [0, 2**63) or a "group" that is not a string/integer) are skipped,
 counted in `n_skipped` and logged at most once per `WARN_INTERVAL_S` per reader.
 `max_consecutive_bad` consecutive raw samples that yield nothing raise `DataError` naming the
 shard and the member names seen (e.g. tars whose members are not KEY.jpg/KEY.json/KEY.txt).
@@ -88,6 +96,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from moco_mm.data.fingerprints import text_fingerprint
 from moco_mm.data.samples import RawSample, _BadSample, decode_sample, iter_raw_samples
 from moco_mm.data.shard_io import split_name
 from moco_mm.data.sources import DataError, ShardSource
@@ -364,6 +373,7 @@ class _EpochBatches(IterableDataset):
                 images: list[torch.Tensor] = []
                 captions: list[str] = []
                 ids: list[int] = []
+                fingerprints: list[tuple[int, int, int]] = []
                 skipped = 0
                 while len(images) < bsz:
                     raw = next(stream)
@@ -383,15 +393,17 @@ class _EpochBatches(IterableDataset):
                         continue
                     consecutive = 0
                     ids.append(dec.sample_id)
-                    captions.append(choose_caption(dec.captions, caption_seed=self.caption_seed,
-                                                   epoch=self.epoch, sample_id=dec.sample_id))
-                yield self._collate(images, captions, ids, skipped, reader, pos,
+                    caption = choose_caption(dec.captions, caption_seed=self.caption_seed,
+                                             epoch=self.epoch, sample_id=dec.sample_id)
+                    captions.append(caption)
+                    fingerprints.append((text_fingerprint(caption), dec.image_fp, dec.group_fp))
+                yield self._collate(images, captions, ids, fingerprints, skipped, reader, pos,
                                     reader + (done + k) * plan.workers)
         finally:
             stream.close()
 
-    def _collate(self, images: list[torch.Tensor], captions: list[str], ids: list[int], skipped: int,
-                 reader: int, pos: int, step: int) -> dict:
+    def _collate(self, images: list[torch.Tensor], captions: list[str], ids: list[int],
+                 fingerprints: list[tuple[int, int, int]], skipped: int, reader: int, pos: int, step: int) -> dict:
         tok = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         input_ids = tok["input_ids"].to(torch.int64)
@@ -403,6 +415,7 @@ class _EpochBatches(IterableDataset):
             "input_ids": input_ids,
             "attention_mask": tok["attention_mask"].to(torch.int64),
             "sample_id": torch.tensor(ids, dtype=torch.int64),
+            "fingerprints": torch.tensor(fingerprints, dtype=torch.int64).view(len(ids), 3),
             "n_skipped": torch.tensor(skipped, dtype=torch.int64),
             "worker_id": torch.tensor(reader, dtype=torch.int64),
             "worker_pos": torch.tensor(pos, dtype=torch.int64),

@@ -1,19 +1,30 @@
 """Raw image-caption pairs -> webdataset shards (`moco-mm make-shards`).
 
 Inputs (`read_rows`):
-  * CSV / TSV with a header holding `image` and `caption` columns (other columns ignored);
-  * JSONL, one object per line with `image` and `caption` (a string or a list of strings);
+  * CSV / TSV with a header holding `image` and `caption` columns and optionally `group`
+    (other columns ignored);
+  * JSONL, one object per line with `image`, `caption` (a string or a list of strings) and
+    optionally `group` (a string or an integer; any other type skips the row with a reason);
   * a folder of images (searched recursively) with a same-stem `.txt` next to each image;
-    every non-empty line of the `.txt` is one caption.
+    every non-empty line of the `.txt` is one caption (no groups).
+A group names what makes pairs duplicates of each other beyond their content, e.g. the
+search query behind a click: the model never uses a pair as a negative of a pair of the same
+group. Group values are kept exactly as written (a CSV cell is a string); an empty cell, an
+empty string, a JSON null or no field at all means "no group".
 Image paths are relative to the input file's folder (or to the folder itself); absolute
 paths are used as they are. One image may be named by several rows (COCO-style files list
 each image once per caption); `plan_samples` merges them into one sample (see Invariants).
 
 Output (`write_shards`), in `out_dir`:
   * `shard-000000.tar`, `shard-000001.tar`, ... in webdataset layout: for every sample the
-    members `KEY.jpg|png|webp` (RGB), `KEY.txt` (the first caption, UTF-8) and `KEY.json`
-    (`{"sample_id": int, "captions": [str, ...], "source": str, "width": int, "height": int}`),
-    with KEY = the zero-padded sample_id;
+    members `KEY.jpg|png|webp` (RGB), `KEY.txt` (the first caption, UTF-8) and `KEY.json`,
+    with KEY = the zero-padded sample_id:
+        {"sample_id": int, "captions": [str, ...], "source": str, "width": int, "height": int,
+         "image_fp": int,          # fingerprints.image_fingerprint of the stored RGB pixels
+         "group": str | int}       # only when the sample has a group
+    (keys sorted, UTF-8); `image_fp` equals image_fingerprint(to_rgb(decode_image(stored
+    bytes))), also when the image was re-encoded as JPEG (it is then taken from the JPEG's
+    decoded pixels), so files with the same pixels in different encodings agree;
   * `manifest.json` (written last): `shards` (file names), `shard_samples` (samples per
     shard, what the loader plans epochs with), `shard_bytes`, `samples`, `rows` (input
     rows), `merged_rows` (rows folded into an earlier row's sample), `skipped`,
@@ -28,11 +39,12 @@ Invariants:
     no non-empty caption, unreadable caption file); a row that fails is skipped by itself.
     The remaining rows are grouped by resolved image path (`os.path.realpath` of the path
     joined to its base, so a relative and an absolute path, or a symlink, naming one file are
-    one image; the rows need not be adjacent). A group becomes one sample with the sample_id
-    and `source` of its first row and the captions of all its rows in input order, exact
-    duplicate captions dropped (first kept). The other rows of the group count as
-    `merged_rows`. If the image itself is bad, every row of the group is skipped and recorded
-    with the image's reason.
+    one image; the rows need not be adjacent). They become one sample with the sample_id
+    and `source` of their first row, the captions of all of them in input order, exact
+    duplicate captions dropped (first kept), and the `group` of the first of them that has
+    one (the groups of later rows are dropped: a sample carries one group). The other rows
+    count as `merged_rows`. If the image itself is bad, every row naming it is skipped and
+    recorded with the image's reason.
   * Samples are written in increasing sample_id order. Shard contents and order are a pure
     function of (rows, options): workers return results in input order, tar headers carry
     fixed metadata (mtime 0, uid 0), so the same input gives byte-identical shards.
@@ -60,10 +72,12 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from moco_mm.data.fingerprints import image_fingerprint
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -91,8 +105,9 @@ class Row:
 
     `index` is the position in the input; `image` is the path as written there (recorded as
     `source`); `base` is the folder it is relative to. Captions come either inline
-    (`captions`) or from `caption_file` (folder input). `error` is a problem already found
-    while parsing the input (the row will be skipped with that reason).
+    (`captions`) or from `caption_file` (folder input). `group` is the row's group (None:
+    none). `error` is a problem already found while parsing the input (the row will be
+    skipped with that reason).
     """
 
     index: int
@@ -101,11 +116,13 @@ class Row:
     captions: tuple[str, ...] | None = None
     caption_file: str | None = None
     error: str | None = None
+    group: str | int | None = None
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """A good sample, ready to write: `ext` is jpg/png/webp, `image` the encoded RGB bytes."""
+    """A good sample, ready to write: `ext` is jpg/png/webp, `image` the encoded RGB bytes,
+    `image_fp` the image_fingerprint of the pixels those bytes decode to, `group` or None."""
 
     index: int
     sample_id: int
@@ -115,6 +132,8 @@ class Encoded:
     source: str
     width: int
     height: int
+    image_fp: int
+    group: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +150,8 @@ class Planned:
 
     `index`/`sample_id`/`source` come from the first of those rows; `rows` holds
     (index, source) of every one, first included; `path` is the image file to open;
-    `captions` are the merged captions (input order, duplicates dropped).
+    `captions` are the merged captions (input order, duplicates dropped); `group` is the
+    group of the first of those rows that has one (None: none has).
     """
 
     index: int
@@ -140,6 +160,7 @@ class Planned:
     source: str
     captions: tuple[str, ...]
     rows: tuple[tuple[int, str], ...]
+    group: str | int | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,12 +197,16 @@ def _rows_from_csv(path: Path, delimiter: str) -> list[Row]:
         for index, rec in enumerate(reader):
             image = rec.get("image") or ""
             caption = rec.get("caption")
+            # No `group` column, an empty cell or a short row: no group (a CSV cannot say null).
+            group = rec.get("group") or None
             error = None
             if caption is None:
                 error = "row has fewer fields than the header (no caption)"
             elif _has_surrogates(caption) or _has_surrogates(image):
                 error = "caption or image path is not valid UTF-8"
-            rows.append(Row(index, image, base, captions=(caption or "",), error=error))
+            elif group is not None and _has_surrogates(group):
+                error = "group is not valid UTF-8"
+            rows.append(Row(index, image, base, captions=(caption or "",), error=error, group=group))
     return rows
 
 
@@ -218,7 +243,15 @@ def _parse_jsonl_line(raw: bytes, index: int, lineno: int, base: str) -> Row:
         captions = tuple(caption)
     else:
         return Row(index, image, base, error=f"{where}: 'caption' must be a string or a list of strings")
-    return Row(index, image, base, captions=captions)
+    group = obj.get("group")
+    if isinstance(group, bool) or not isinstance(group, (str, int, type(None))):
+        return Row(index, image, base, error=f"{where}: 'group' must be a string or an integer, "
+                                             f"got {type(group).__name__} {json.dumps(group)[:40]}")
+    # A JSON "\ud800" escape decodes to a lone surrogate, which cannot be written as UTF-8.
+    if any(_has_surrogates(s) for s in (image, *captions, group if isinstance(group, str) else "")):
+        return Row(index, image, base, error=f"{where}: caption, image path or group is not valid "
+                                             f"UTF-8 (lone surrogate escape)")
+    return Row(index, image, base, captions=captions, group=group if group != "" else None)
 
 
 def _rows_from_folder(folder: Path) -> list[Row]:
@@ -287,10 +320,24 @@ def decode_image(data: bytes) -> Image.Image:
     return img
 
 
-def prepare_image(data: bytes, *, max_size: int = 0, jpeg_quality: int = 95) -> tuple[str, bytes, int, int]:
+class PreparedImage(NamedTuple):
+    """What `prepare_image` returns: the stored encoding (ext jpg/png/webp, its bytes), its
+    size and `image_fp`, the image_fingerprint of the RGB pixels `data` decodes to."""
+
+    ext: str
+    data: bytes
+    width: int
+    height: int
+    image_fp: int
+
+
+def prepare_image(data: bytes, *, max_size: int = 0, jpeg_quality: int = 95) -> PreparedImage:
     """Decode, make upright RGB, shrink the long side to `max_size` (0: keep).
 
-    Returns (ext, bytes, width, height). The original bytes are kept when nothing changed.
+    The original bytes are kept when nothing changed. `image_fp` is fingerprinted from
+    pixels decoded here anyway, except after a JPEG re-encode: the stored pixels are then
+    not the ones in memory (lossy), so the JPEG is decoded once more, and `image_fp` is
+    always the fingerprint of what a reader of the shard decodes.
     """
     img = decode_image(data)
     fmt = img.format or ""
@@ -309,15 +356,14 @@ def prepare_image(data: bytes, *, max_size: int = 0, jpeg_quality: int = 95) -> 
         rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         changed = True
     if not changed and fmt in _KEEP_FORMATS:
-        return _KEEP_FORMATS[fmt], data, rgb.width, rgb.height
+        return PreparedImage(_KEEP_FORMATS[fmt], data, rgb.width, rgb.height, image_fingerprint(rgb))
     out = io.BytesIO()
     if fmt in _LOSSLESS_FORMATS:
         rgb.save(out, format="PNG")
-        ext = "png"
-    else:
-        rgb.save(out, format="JPEG", quality=jpeg_quality)
-        ext = "jpg"
-    return ext, out.getvalue(), rgb.width, rgb.height
+        return PreparedImage("png", out.getvalue(), rgb.width, rgb.height, image_fingerprint(rgb))
+    rgb.save(out, format="JPEG", quality=jpeg_quality)
+    stored = to_rgb(decode_image(out.getvalue()))
+    return PreparedImage("jpg", out.getvalue(), rgb.width, rgb.height, image_fingerprint(stored))
 
 
 def _row_captions(row: Row) -> tuple[str, ...]:
@@ -378,8 +424,9 @@ def plan_samples(rows: Sequence[Row], *, id_offset: int = 0) -> tuple[list[Plann
         first = members[0][0]
         # dict.fromkeys keeps the first occurrence of each caption, in input order.
         captions = tuple(dict.fromkeys(c for _, caps in members for c in caps))
+        group = next((r.group for r, _ in members if r.group is not None), None)
         plans.append(Planned(first.index, id_offset + first.index, os.path.join(first.base, first.image),
-                             first.image, captions, tuple((r.index, r.image) for r, _ in members)))
+                             first.image, captions, tuple((r.index, r.image) for r, _ in members), group))
     return plans, skipped
 
 
@@ -394,12 +441,13 @@ def encode_sample(plan: Planned, *, max_size: int = 0, jpeg_quality: int = 95) -
             data = path.read_bytes()
         except OSError as e:
             raise ImageError(f"unreadable file {path}: {e}") from None
-        ext, image, width, height = prepare_image(data, max_size=max_size, jpeg_quality=jpeg_quality)
+        prepared = prepare_image(data, max_size=max_size, jpeg_quality=jpeg_quality)
     except ImageError as e:
         return Skipped(plan.index, plan.sample_id, plan.source, str(e))
     except Exception as e:  # a bad image must never stop a long run; the reason is recorded
         return Skipped(plan.index, plan.sample_id, plan.source, f"unexpected {type(e).__name__}: {e}")
-    return Encoded(plan.index, plan.sample_id, ext, image, plan.captions, plan.source, width, height)
+    return Encoded(plan.index, plan.sample_id, prepared.ext, prepared.data, plan.captions, plan.source,
+                   prepared.width, prepared.height, prepared.image_fp, plan.group)
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,7 +463,9 @@ def sample_key(sample_id: int) -> str:
 def sample_members(s: Encoded) -> list[tuple[str, bytes]]:
     key = sample_key(s.sample_id)
     meta = {"sample_id": s.sample_id, "captions": list(s.captions), "source": s.source,
-            "width": s.width, "height": s.height}
+            "width": s.width, "height": s.height, "image_fp": s.image_fp}
+    if s.group is not None:
+        meta["group"] = s.group
     return [
         (f"{key}.{s.ext}", s.image),
         (f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")),

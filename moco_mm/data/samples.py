@@ -1,7 +1,8 @@
 """Raw samples (undecoded member groups of a shard) and their decoding.
 
     for raw in iter_raw_samples(url, on_error, expected=count):   # RawSample: key, names, members
-        decoded = decode_sample(raw)    # Decoded(sample_id, captions, RGB image) or _BadSample(reason)
+        decoded = decode_sample(raw)    # Decoded(sample_id, captions, RGB image, image_fp, group_fp)
+                                        # or _BadSample(reason)
 
 Both are pure functions of the shard's bytes: what makes a resumed reader replay exactly.
 """
@@ -15,6 +16,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
+from moco_mm.data.fingerprints import NONE, bytes_fingerprint, group_fingerprint
 from moco_mm.data.make_shards import ImageError, decode_image, to_rgb
 from moco_mm.data.shard_io import iter_members, open_url
 from moco_mm.data.sources import DataError, _group
@@ -99,31 +101,55 @@ class _BadSample(Exception):
 
 @dataclass
 class Decoded:
+    """One good sample. `captions`: stripped, non-empty, at least one. `image`: 8-bit RGB.
+    `image_fp`: KEY.json's "image_fp" (fingerprint of the stored pixels, make_shards) or, for
+    shards written before it existed, bytes_fingerprint of the stored image member.
+    `group_fp`: group_fingerprint of KEY.json's "group", or fingerprints.NONE (-1) without
+    one. The caption's fingerprint depends on which caption an epoch uses: the loader adds
+    it. All are >= 0 except NONE, and pure functions of the sample's bytes."""
+
     sample_id: int
     captions: list[str]
     image: Image.Image
+    image_fp: int = NONE
+    group_fp: int = NONE
 
 
 def decode_sample(raw: RawSample) -> Decoded:
-    """Raw member bytes -> (sample_id, captions, RGB image). Raises _BadSample(reason)."""
+    """Raw member bytes -> Decoded. Raises _BadSample(reason): also for a KEY.json whose
+    "image_fp" is not an integer in [0, 2**63) or whose "group" is not a string or an
+    integer (a JSON null counts as absent for both)."""
     if raw.problem:
         raise _BadSample(raw.problem)
     img_ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
     if img_ext is None:
         raise _BadSample(f"no image member (expected KEY.{'/'.join(IMAGE_EXTS[:4])})")
-    sample_id, captions = _decode_meta(raw)
+    sample_id, captions, image_fp, group_fp = _decode_meta(raw)
+    if image_fp == NONE:  # a shard from before make_shards stored "image_fp"
+        image_fp = bytes_fingerprint(raw.members[img_ext])
     try:
         image = to_rgb(decode_image(raw.members[img_ext]))
     except ImageError as e:
         raise _BadSample(f"{raw.key}.{img_ext}: {e}") from None
     except Exception as e:  # mode conversion of an odd image
         raise _BadSample(f"{raw.key}.{img_ext}: {type(e).__name__}: {e}") from None
-    return Decoded(sample_id, captions, image)
+    return Decoded(sample_id, captions, image, image_fp, group_fp)
 
 
-def _decode_meta(raw: RawSample) -> tuple[int, list[str]]:
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _decode_meta(raw: RawSample) -> tuple[int, list[str], int, int]:
+    """(sample_id, captions, image_fp or NONE, group_fp or NONE) from KEY.json / KEY.txt."""
     sample_id: int | None = None
     captions: list | None = None
+    image_fp = group_fp = NONE
     if "json" in raw.members:
         try:
             meta = json.loads(raw.members["json"].decode("utf-8"))
@@ -141,6 +167,17 @@ def _decode_meta(raw: RawSample) -> tuple[int, list[str]]:
             if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
                 raise _BadSample(f"{raw.key}.json: 'captions' must be a list of strings")
             captions = caps
+        fp = meta.get("image_fp")
+        if fp is not None:
+            # int64 in the batch, and -1 is reserved for "none": only [0, 2**63) is valid.
+            if not _is_int(fp) or not 0 <= fp < 1 << 63:
+                raise _BadSample(f"{raw.key}.json: 'image_fp' must be an integer in [0, 2**63), got {_short(fp)}")
+            image_fp = fp
+        group = meta.get("group")
+        if group is not None:
+            if not (_is_int(group) or isinstance(group, str)):
+                raise _BadSample(f"{raw.key}.json: 'group' must be a string or an integer, got {_short(group)}")
+            group_fp = group_fingerprint(group)
     if sample_id is None:
         tail = raw.key.rsplit("/", 1)[-1]
         if not tail.isdigit():
@@ -156,4 +193,4 @@ def _decode_meta(raw: RawSample) -> tuple[int, list[str]]:
     captions = [c.strip() for c in captions if c.strip()]
     if not captions:
         raise _BadSample(f"{raw.key}: empty caption")
-    return sample_id, captions
+    return sample_id, captions, image_fp, group_fp
