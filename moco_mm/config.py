@@ -94,13 +94,19 @@ class ModelConfig:
                                        "(needs queue.enabled: false)")
     momentum: float = opt(0.995, "EMA coefficient m of key <- m*key + (1-m)*query")
     momentum_schedule: Literal["constant", "cosine"] = opt("constant", "cosine: m rises to 1.0 over run.steps")
-    loss: Literal["infonce", "vse_max", "vse_sum"] = opt("infonce", "the objective, both directions")
-    margin: float = opt(0.2, "vse_* losses only: the hinge margin")
+    loss: Literal["infonce", "vse_max", "vse_sum", "contrastive", "triplet", "margin", "multi_similarity",
+                  "circle"] = opt("infonce", "the objective, both directions (README: the algorithm)")
+    loss_params: dict = opt({}, "the objective's hyper-parameters by name (published defaults otherwise)")
+    margin: float = opt(0.2, "the margin of objectives that take one (vse_*); loss_params.margin wins")
     temperature: float = opt(0.07, "initial (or fixed) softmax temperature")
     learn_temperature: bool = opt(True, "train the temperature (as a log), clamped after every step")
     temperature_min: float = opt(0.01, "lower clamp of a learnt temperature")
     temperature_max: float = opt(0.5, "upper clamp of a learnt temperature")
     in_batch_negatives: bool = opt(True, "the gathered batch keys are negatives too, beside the queue")
+    mask_duplicates: Literal["none", "text", "image", "both"] = opt(
+        "both", "a negative whose caption text / image equals the positive's is not a negative")
+    distill_alpha: float = opt(0.0, "ALBEF momentum distillation weight of the key towers' soft targets; 0: off")
+    distill_warmup_steps: int = opt(-1, "steps over which distill_alpha ramps up from 0; -1: one epoch (ALBEF)")
 
 
 @dataclass
@@ -253,6 +259,10 @@ def validate_model(m: ModelConfig) -> None:
             f"[temperature_min={m.temperature_min}, temperature_max={m.temperature_max}]"
         )
     _non_negative("model.margin", m.margin)
+    if not 0.0 <= m.distill_alpha <= 1.0:
+        raise ConfigError(f"model.distill_alpha: must be in [0, 1], got {m.distill_alpha}")
+    if m.distill_warmup_steps < -1:
+        raise ConfigError(f"model.distill_warmup_steps: -1 (one epoch) or a count >= 0, got {m.distill_warmup_steps}")
     _positive("model.image.image_size", m.image.image_size)
     _positive("model.text.max_length", m.text.max_length)
     for key, n in (("model.image.trainable_blocks", m.image.trainable_blocks),

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from moco_mm.model.losses import OBJECTIVES
+
 ROOT = Path(__file__).resolve().parents[1]
-RATIOS = ("a_over_c", "b_over_c", "a_over_d", "ema_over_copy", "floor_ratio")
+RATIOS = ("a_over_c", "b_over_c", "a_over_d", "ema_over_copy", "floor_ratio",
+          # every objective's loss time against queue InfoNCE's
+          *(f"loss_{name}_over_infonce" for name in OBJECTIVES if name != "infonce"))
 
 
 def test_quick_bench_writes_positive_finite_ratios(tmp_path):
@@ -27,3 +31,4 @@ def test_quick_bench_writes_positive_finite_ratios(tmp_path):
         value = data[key]
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
     assert "a_over_c" in res.stdout  # the table was printed
+    assert "multi_similarity" in res.stdout  # and the objectives' table

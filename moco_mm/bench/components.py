@@ -1,9 +1,12 @@
 """The step's components, each against its twin: the momentum update (ours, the
-per-parameter loop, the copy floors) and the queue loss (ours against ALBEF's)."""
+per-parameter loop, the copy floors), the queue loss (ours against ALBEF's), and every
+registered objective against queue InfoNCE on the same inputs."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,8 @@ import torch.nn.functional as F
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from moco_mm.bench.systems import MOMENTUM, OurStep, Sizes, make_batch
+from moco_mm.model.dual_queue import _meta
+from moco_mm.model.losses import OBJECTIVES
 
 # ---------------------------------------------------------------------------------------
 # Components
@@ -34,12 +39,14 @@ class Components:
         # Loss inputs: detached queries (so backward stops at the loss) and real keys.
         batch = make_batch(s, seed=3, first_id=0)
         m = self.model
+        meta = _meta(batch["sample_id"], None)  # [B, 4]: the id, no fingerprints
         with torch.no_grad():
-            q_img, q_txt, _ = m.query(batch["image"], batch["input_ids"], batch["attention_mask"])
-            self.keys = m.compute_keys(batch["image"], batch["input_ids"], batch["attention_mask"], batch["sample_id"])
+            q_img, q_txt, _, _ = m.query(batch["image"], batch["input_ids"], batch["attention_mask"])
+            self.keys = m.compute_keys(batch["image"], batch["input_ids"], batch["attention_mask"], meta)
         self.q_img, self.q_txt = q_img.clone().requires_grad_(), q_txt.clone().requires_grad_()
         self.temp = torch.tensor(0.07, requires_grad=True)
         self.ids = batch["sample_id"]
+        self.q_meta = m.query_meta(meta)
         # The reference keeps its queues as [D, K] buffers.
         self.ref_img_queue = m.image_queue.features.t().contiguous()
         self.ref_txt_queue = m.text_queue.features.t().contiguous()
@@ -56,21 +63,41 @@ class Components:
 
     def loss_ours(self) -> None:
         """Both directions of our loss over [gathered batch ; queue], forward + backward."""
-        m, (k_img, k_txt, all_img, all_txt, all_ids) = self.model, self.keys
-        neg_txt, neg_txt_ids = m._negatives(m.text_queue, all_txt, all_ids)
-        neg_img, neg_img_ids = m._negatives(m.image_queue, all_img, all_ids)
-        loss = (m.loss_fn(self.q_img, k_txt, neg_txt, self.temp, self.ids, neg_txt_ids)
-                + m.loss_fn(self.q_txt, k_img, neg_img, self.temp, self.ids, neg_img_ids))
+        m, (k_img, k_txt, all_img, all_txt, all_meta) = self.model, self.keys
+        neg_txt, neg_txt_meta = m._negatives(m.text_queue, all_txt, all_meta)
+        neg_img, neg_img_meta = m._negatives(m.image_queue, all_img, all_meta)
+        loss = (m.loss_fn(self.q_img, k_txt, neg_txt, self.temp, self.q_meta, neg_txt_meta)
+                + m.loss_fn(self.q_txt, k_img, neg_img, self.temp, self.q_meta, neg_img_meta))
         loss.backward()
 
     def loss_ours_batch(self) -> None:
         """Our loss over the gathered batch alone: `loss_ours` minus this is what scoring
         the queue rows costs, the one thing (a) adds to the CLIP step besides the key
         towers' forward (and the EMA)."""
-        m, (k_img, k_txt, all_img, all_txt, all_ids) = self.model, self.keys
-        loss = (m.loss_fn(self.q_img, k_txt, all_txt, self.temp, self.ids, all_ids)
-                + m.loss_fn(self.q_txt, k_img, all_img, self.temp, self.ids, all_ids))
+        m, (k_img, k_txt, all_img, all_txt, all_meta) = self.model, self.keys
+        loss = (m.loss_fn(self.q_img, k_txt, all_txt, self.temp, self.q_meta, all_meta)
+                + m.loss_fn(self.q_txt, k_img, all_img, self.temp, self.q_meta, all_meta))
         loss.backward()
+
+    def loss_objective(self, name: str) -> Callable[[], None]:
+        """Objective `name` (`OBJECTIVES`), both directions, forward + backward, on the
+        inputs of `loss_ours`: the batch's queries against [gathered batch keys ; queue],
+        id-masked. Published defaults; learnt scalars (the margin loss's beta) at their init,
+        trained (they get a gradient). The banks of negatives are built once here: they are
+        the same for every objective, so the figures are the objectives' own cost."""
+        objective = OBJECTIVES[name]
+        scalars = {n: torch.tensor(float(init), requires_grad=True) for n, init in objective.learnt}
+        fn = partial(objective.fn, **objective.hyper_parameters(), **scalars)
+        m, (k_img, k_txt, all_img, all_txt, all_meta) = self.model, self.keys
+        neg_txt, neg_txt_meta = m._negatives(m.text_queue, all_txt, all_meta)
+        neg_img, neg_img_meta = m._negatives(m.image_queue, all_img, all_meta)
+
+        def run() -> None:
+            loss = (fn(self.q_img, k_txt, neg_txt, self.temp, self.q_meta, neg_txt_meta)
+                    + fn(self.q_txt, k_img, neg_img, self.temp, self.q_meta, neg_img_meta))
+            loss.backward()
+
+        return run
 
     def loss_ref(self) -> None:
         """ALBEF's: clone the queues, concatenate, soft-target cross-entropy (no id mask)."""

@@ -20,6 +20,8 @@ Components, each against its twin: momentum update (our fused `_foreach_lerp_` E
 reference per-parameter loop; the copy floors: `_foreach_copy_` of the same tensors and one
 flat copy of the same number of bytes); the queue loss (ours, id-masked, against ALBEF's
 pre-training loss, which ignores ids, and ALBEF's id-aware retrieval loss, its twin);
+every objective of `model.loss` against queue InfoNCE (`loss_<name>_over_infonce`: both
+directions, forward + backward, the batch against its queue, published defaults);
 with 2 processes: one gather of both modalities vs one per modality, and the queue
 broadcast DDP does when the whole model (queues as buffers) is wrapped.
 
@@ -48,6 +50,7 @@ from moco_mm import distributed as D
 from moco_mm.bench.components import Components
 from moco_mm.bench.systems import OpenClipStep, OurStep, RefStep, Sizes, _register_vit, gather_each, make_batch
 from moco_mm.bench.timing import interleaved, med, paired_ratio, spread
+from moco_mm.model.losses import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +97,8 @@ def run_single(s: Sizes, rounds: int, warmup: int) -> dict:
                       "ema_loop": comp.ema_loop}, rounds * 5, warmup * 5)
     ct |= interleaved({"loss_ours": comp.loss_ours, "loss_ours_batch": comp.loss_ours_batch,
                        "loss_ref": comp.loss_ref, "loss_ref_ids": comp.loss_ref_ids}, rounds * 5, warmup * 5)
+    # The objectives among themselves: each one's loss against queue InfoNCE's, same inputs.
+    ct |= interleaved({f"loss_{name}": comp.loss_objective(name) for name in OBJECTIVES}, rounds * 5, warmup * 5)
     n_params = sum(p.numel() for p in a.model.query.parameters())
     return {"steps": t, "components": ct, "ema_bytes": comp.bytes, "query_params": n_params}
 
@@ -223,6 +228,9 @@ def summarise(single: dict, dist: dict | None, loader: float | None) -> dict:
                                                         - med(ct["loss_ours_batch"])),
         "loss_ours_over_ref": paired_ratio(ct["loss_ours"], ct["loss_ref"]),
         "loss_ours_over_ref_ids": paired_ratio(ct["loss_ours"], ct["loss_ref_ids"]),
+        # Each objective's loss (both directions, fwd + bwd, batch against queue) over InfoNCE's.
+        **{f"loss_{name}_over_infonce": paired_ratio(ct[f"loss_{name}"], ct["loss_infonce"])
+           for name in OBJECTIVES if name != "infonce"},
         "times_ms": {k: 1e3 * med(v) for k, v in {**t, **ct}.items()},
         "spread_iqr_over_median": {k: spread(v) for k, v in {**t, **ct}.items()},
         "ema_bytes": single["ema_bytes"],
@@ -286,6 +294,11 @@ def print_table(res: dict, s: Sizes, args: argparse.Namespace) -> None:
                      ("reference: ALBEF retrieval, id-aware targets", "loss_ref_ids"),
                      ("reference: ALBEF pre-training, ids ignored", "loss_ref")):
         print(f"  {label:<44}{ms[k]:>10.3f}{sp[k]:>9.2f}")
+    print(f"objectives (model.loss), both directions, fwd+bwd, batch {s.batch} against {s.queue} queue rows + batch:")
+    print(f"  {'objective':<44}{'median ms':>10}{'IQR/med':>9}{'/ infonce':>10}")
+    for name in OBJECTIVES:
+        ratio = 1.0 if name == "infonce" else res[f"loss_{name}_over_infonce"]
+        print(f"  {name:<44}{ms['loss_' + name]:>10.3f}{sp['loss_' + name]:>9.2f}{ratio:>10.2f}")
     print("ratios (median of per-round ratios):")
     for k in ("a_over_c", "b_over_c", "a_over_d", "floor_ratio", "a_over_floor", "a_over_floor_with_queue_loss",
               "ema_over_copy",
