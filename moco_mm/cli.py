@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-retrieval": ("moco_mm.search.cli:eval_retrieval_main", "R@1/5/10 and median rank of an export, both ways"),
     "bench": ("moco_mm.bench.step:main", "our step against OpenCLIP and the MoCo/ALBEF style (ratios)"),
     "bench-loader": ("moco_mm.bench.loader:main", "loader samples/s by worker count"),
+    "compare-objectives": ("moco_mm.bench.compare:main", "every objective, queue/distillation/dedup on and off, CLIP"),
 }
 
 

@@ -36,7 +36,8 @@ def test_train_help_lists_every_key(capsys):
     for key, tp, _default, help_ in iter_keys():
         assert f"  {key} ({tp}; default " in out, key
         assert help_ in out
-    assert "model.loss (infonce | vse_max | vse_sum; default infonce)" in describe_keys()
+    assert "model.loss (infonce | vse_max | vse_sum | contrastive | triplet | margin | multi_similarity | circle; " \
+           "default infonce)" in describe_keys()
 
 
 def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):

@@ -141,7 +141,7 @@ def test_clip_mode_loss_and_gradients_are_clips():
     out.loss.backward()
     got = {n: p.grad.clone() for n, p in m.query.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
-    img, txt, t = m.query(batch["image"], batch["input_ids"], batch["attention_mask"])
+    img, txt, t, _ = m.query(batch["image"], batch["input_ids"], batch["attention_mask"])
     logits = img @ txt.t() / t
     target = torch.arange(5)
     want = torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target)

@@ -6,6 +6,7 @@ in tests (tests check only that the programs run and report every figure).
     components.py  the step's parts against their twins (EMA, queue loss)
     timing.py      interleaved rounds, medians, paired ratios
     loader.py      `moco-mm bench-loader`: loader samples/s by worker count
+    compare.py     `moco-mm compare-objectives`: held-out R@k of every objective and variant
 
 Imports: the base modules, `moco_mm.model`, `moco_mm.data`, `moco_mm.train` and itself;
 never plan, search or cli. tests/test_layout.py checks this.

@@ -2,19 +2,26 @@
 
 One training step, per rank (B local pairs, W ranks, D = embed_dim):
 
+    meta = [sample_id, text_fp, image_fp, group]            # [B,4] int64: what must not be a negative
     q_img, q_txt, T = query(image, text)                    # [B,D] x2, grad
-    momentum_update(m)           # key <- m*key + (1-m)*query; once per optimizer step
     k_img, k_txt   = key(image, text)                       # [B,D] x2, no grad
-    K              = all_gather(cat[k_img, k_txt, id])      # [W*B, 2D+2], ONE collective
+    K              = all_gather(cat[k_img, k_txt, meta])    # [W*B, 2D+8], ONE collective
     loss_i2t = L(q_img, k_txt, [K_txt ; text_queue],  T)    # image query vs text keys
     loss_t2i = L(q_txt, k_img, [K_img ; image_queue], T)    # text query vs image keys
-    ... backward, optimizer step (the trainer) ...
+    ... backward, optimizer step, then momentum_update(m) (the trainer) ...
     enqueue(K)                   # same gathered rows on every rank -> identical queues
+
+A negative n_j is not a negative of query i when it carries the query's own sample id (a
+stale copy of the positive), the fingerprint of the query's caption text or of its image
+(an exact duplicate: `model.mask_duplicates`), or the query's group (e.g. the search query
+behind a click). Every row carries its pair's meta; queues store it beside the keys. With
+`model.distill_alpha` > 0 (ALBEF's momentum distillation) the key towers' own scores
+soften the InfoNCE targets.
 
 With `model.momentum_encoder: false` there are no key towers, no queues and no EMA: the
 keys are the other tower's own outputs, gathered WITH gradient (the CLIP objective):
 
-    K              = all_gather_with_grad(cat[q_img, q_txt, id])  # [W*B, 2D+2], ONE collective
+    K              = all_gather_with_grad(cat[q_img, q_txt, meta])  # [W*B, 2D+8], ONE collective
     loss_i2t = L(q_img, q_txt, K_txt, T);  loss_t2i = L(q_txt, q_img, K_img, T)
 
 Module layout, chosen for DDP: `query` (both query towers and the temperature) is the
@@ -36,7 +43,7 @@ from torch import nn
 
 from moco_mm import distributed as D
 from moco_mm.config import ModelConfig, QueueConfig, validate_model, validate_queue
-from moco_mm.model.losses import LOSSES, learns_temperature
+from moco_mm.model.losses import OBJECTIVES, excluded, learns_temperature, objective_params
 from moco_mm.model.queue import FeatureQueue
 from moco_mm.model.towers import ImageTower, TextTower, build_towers, has_batchnorm
 
@@ -70,6 +77,9 @@ class QueryTowers(nn.Module):
             self.register_buffer("log_temperature", log_t)
         self.log_t_min = math.log(cfg.temperature_min)
         self.log_t_max = math.log(cfg.temperature_max)
+        # The objective's own trained scalars (e.g. the margin loss's boundary beta).
+        self.loss_scalars = nn.ParameterDict(
+            {name: nn.Parameter(torch.tensor(float(init))) for name, init in OBJECTIVES[cfg.loss].learnt})
 
     def temperature(self) -> torch.Tensor:
         """0-d tensor exp(log_temperature).
@@ -82,8 +92,10 @@ class QueryTowers(nn.Module):
         return self.log_temperature.exp()
 
     def forward(self, image, input_ids, attention_mask):
-        """-> q_img [B,D], q_txt [B,D] (unit rows), temperature (0-d)."""
-        return self.image(image), self.text(input_ids, attention_mask), self.temperature()
+        """-> q_img [B,D], q_txt [B,D] (unit rows), temperature (0-d), the objective's
+        trained scalars {name: 0-d} (returned from here so that DDP sees them used)."""
+        return (self.image(image), self.text(input_ids, attention_mask), self.temperature(),
+                dict(self.loss_scalars.items()))
 
     @torch.no_grad()
     def clamp_temperature(self) -> None:
@@ -111,8 +123,9 @@ class KeyTowers(nn.Module):
 class StepOutput:
     """What one forward returns to the trainer.
 
-    `keys_*` are the gathered keys of the global batch [W*B, D] (float32) and `key_ids`
-    [W*B]: the trainer passes them to `enqueue` after backward.
+    `keys_*` are the gathered keys of the global batch [W*B, D] (float32), `key_ids` [W*B]
+    and `key_fingerprints` [W*B, 3]: the trainer passes them to `enqueue` after backward.
+    `neg_sim` is computed only when the forward is asked for statistics (else None).
     """
 
     loss: torch.Tensor
@@ -122,8 +135,9 @@ class StepOutput:
     keys_img: torch.Tensor
     keys_txt: torch.Tensor
     key_ids: torch.Tensor
+    key_fingerprints: torch.Tensor
     pos_sim: torch.Tensor
-    neg_sim: torch.Tensor
+    neg_sim: torch.Tensor | None
 
 
 class DualQueueMoCo(nn.Module):
@@ -140,10 +154,14 @@ class DualQueueMoCo(nn.Module):
         self.key = KeyTowers(copy.deepcopy(image), copy.deepcopy(text)) if cfg.momentum_encoder else None
         # A disabled queue is an empty one: the loss then sees in-batch negatives only.
         size = queue_cfg.size if queue_cfg.enabled else 0
-        self.image_queue = FeatureQueue(size, cfg.embed_dim, queue_cfg.dtype)
-        self.text_queue = FeatureQueue(size, cfg.embed_dim, queue_cfg.dtype)
-        loss = LOSSES[cfg.loss]
-        self.loss_fn = partial(loss, margin=cfg.margin) if cfg.loss != "infonce" else loss
+        self.image_queue = FeatureQueue(size, cfg.embed_dim, queue_cfg.dtype, N_FINGERPRINTS)
+        self.text_queue = FeatureQueue(size, cfg.embed_dim, queue_cfg.dtype, N_FINGERPRINTS)
+        self.objective = OBJECTIVES[cfg.loss]
+        self.loss_fn = partial(self.objective.fn, **objective_params(cfg))
+        # Which fingerprint columns of a query may exclude a negative (a column a query
+        # does not use is set to -1 on the query's side: it never matches).
+        self.fingerprint_on = torch.tensor([cfg.mask_duplicates in ("text", "both"),
+                                            cfg.mask_duplicates in ("image", "both"), True])
         # BatchNorm key towers could cheat through batch statistics: shuffle their batch
         # across ranks (MoCo's Shuffle-BN). LayerNorm towers (ViT, BERT) need none.
         self.shuffle_image = cfg.momentum_encoder and has_batchnorm(image)
@@ -231,19 +249,20 @@ class DualQueueMoCo(nn.Module):
         return out
 
     @torch.no_grad()
-    def compute_keys(self, image, input_ids, attention_mask, sample_id):
-        """-> local (k_img, k_txt) [B,D] and gathered (K_img, K_txt) [W*B,D], ids [W*B]."""
+    def compute_keys(self, image, input_ids, attention_mask, meta):
+        """-> local (k_img, k_txt) [B,D] and gathered (K_img, K_txt) [W*B,D], meta [W*B,4]."""
         if self.key is None:
             raise RuntimeError("compute_keys: this model has no key towers (model.momentum_encoder is false)")
         shuffle = D.world_size() > 1 and (self.shuffle_image or self.shuffle_text)
         if not shuffle:
             k_img = self.key.image(image).float()
             k_txt = self.key.text(input_ids, attention_mask).float()
-            # ONE collective for both modalities and the ids: the int64 ids ride along
-            # bit-for-bit as two float32 columns.
-            packed = D.all_gather_cat(_pack(k_img, k_txt, sample_id))
+            # ONE collective for both modalities and the meta: the int64 columns ride along
+            # bit-for-bit as pairs of float32 columns.
+            packed = D.all_gather_cat(_pack(k_img, k_txt, meta))
             return (k_img, k_txt, *_unpack(packed, k_img.shape[1]))
-        all_ids = D.all_gather_cat(sample_id.to(torch.int64))
+        all_meta = D.all_gather_cat(meta)
+        all_ids = all_meta[:, 0]
         if self.shuffle_image:
             all_img = self._shuffled(self.key.image, (image,), all_ids)
         else:
@@ -253,56 +272,75 @@ class DualQueueMoCo(nn.Module):
         else:
             all_txt = D.all_gather_cat(self.key.text(input_ids, attention_mask).float())
         b, r = image.shape[0], D.rank()
-        return all_img[r * b:(r + 1) * b], all_txt[r * b:(r + 1) * b], all_img, all_txt, all_ids
+        return all_img[r * b:(r + 1) * b], all_txt[r * b:(r + 1) * b], all_img, all_txt, all_meta
 
     # --- the step ----------------------------------------------------------------------
 
-    def forward(self, image, input_ids, attention_mask, sample_id, query: nn.Module | None = None) -> StepOutput:
-        """Losses for one (micro-)batch. `query` is the DDP-wrapped `self.query` when
-        distributed; the queues are NOT changed here (call `enqueue` after backward)."""
+    def forward(self, image, input_ids, attention_mask, sample_id, fingerprints=None,
+                query: nn.Module | None = None, distill_alpha: float = 0.0, stats: bool = True) -> StepOutput:
+        """Losses for one (micro-)batch; the queues are NOT changed here (call `enqueue`
+        after backward).
+
+        `fingerprints` [B, 3] int64: the pair's caption-text, image and group fingerprints
+        (-1: none; None: all -1). `query` is the DDP-wrapped `self.query` when distributed.
+        `distill_alpha`: this step's momentum-distillation weight (the trainer ramps it).
+        `stats`: also compute `neg_sim` (logging steps only: it costs a [B, N] product).
+        """
         query = self.query if query is None else query
-        q_img, q_txt, temperature = query(image, input_ids, attention_mask)
+        meta = _meta(sample_id, fingerprints)
+        q_img, q_txt, temperature, scalars = query(image, input_ids, attention_mask)
         if self.key is None:
             # CLIP mode: each tower's own outputs are the other's keys. The gather carries
             # gradients, so every rank's loss trains the towers that produced its negatives.
             k_img, k_txt = q_img, q_txt
-            all_img, all_txt, all_ids = _unpack(D.all_gather_cat_with_grad(_pack(q_img, q_txt, sample_id)),
-                                                q_img.shape[1])
+            all_img, all_txt, all_meta = _unpack(D.all_gather_cat_with_grad(_pack(q_img, q_txt, meta)),
+                                                 q_img.shape[1])
         else:
-            k_img, k_txt, all_img, all_txt, all_ids = self.compute_keys(image, input_ids, attention_mask, sample_id)
-        neg_txt, neg_txt_ids = self._negatives(self.text_queue, all_txt, all_ids)
-        neg_img, neg_img_ids = self._negatives(self.image_queue, all_img, all_ids)
-        ids = sample_id.to(torch.int64)
-        grad_keys = self.key is None
-        loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, ids, neg_txt_ids, grad_keys=grad_keys)
-        loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, ids, neg_img_ids, grad_keys=grad_keys)
+            k_img, k_txt, all_img, all_txt, all_meta = self.compute_keys(image, input_ids, attention_mask, meta)
+        neg_txt, neg_meta = self._negatives(self.text_queue, all_txt, all_meta)
+        neg_img, _ = self._negatives(self.image_queue, all_img, all_meta)  # same rows, same meta
+        q_meta = self.query_meta(meta)
+        kw = dict(grad_keys=self.key is None, **scalars)
+        distill = self.key is not None and distill_alpha > 0
+        loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, q_meta, neg_meta, **kw,
+                                **(dict(teacher=k_img, alpha=distill_alpha) if distill else {}))
+        loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, q_meta, neg_meta, **kw,
+                                **(dict(teacher=k_txt, alpha=distill_alpha) if distill else {}))
         with torch.no_grad():
             pos_sim = 0.5 * (torch.linalg.vecdot(q_img.float(), k_txt.float()).mean()
                              + torch.linalg.vecdot(q_txt.float(), k_img.float()).mean())
-            # Over the negatives the loss counts (stale copies of the positive excluded).
-            neg_sim = 0.5 * (mean_negative_sim(q_img, ids, neg_txt, neg_txt_ids)
-                             + mean_negative_sim(q_txt, ids, neg_img, neg_img_ids))
+            neg_sim = None
+            if stats:  # over the negatives the loss counts
+                neg_sim = 0.5 * (mean_negative_sim(q_img, q_meta, neg_txt, neg_meta)
+                                 + mean_negative_sim(q_txt, q_meta, neg_img, neg_meta))
         return StepOutput(
             loss=loss_i2t + loss_t2i, loss_i2t=loss_i2t, loss_t2i=loss_t2i,
             temperature=temperature.detach(), keys_img=all_img.detach(), keys_txt=all_txt.detach(),
-            key_ids=all_ids, pos_sim=pos_sim, neg_sim=neg_sim,
+            key_ids=all_meta[:, 0], key_fingerprints=all_meta[:, 1:], pos_sim=pos_sim, neg_sim=neg_sim,
         )
 
-    def _negatives(self, queue: FeatureQueue, batch_keys: torch.Tensor, batch_ids: torch.Tensor):
-        """[gathered batch keys ; written queue rows] (float32) and their ids."""
-        return negative_bank(batch_keys, batch_ids, queue.features, queue.ids, self.cfg.in_batch_negatives)
+    def query_meta(self, meta: torch.Tensor) -> torch.Tensor:
+        """A query's side of the exclusion keys [B, 4]: its id, and the fingerprints that
+        `model.mask_duplicates` turns on (the others -1, which matches nothing)."""
+        on = torch.cat([torch.ones(1, dtype=torch.bool), self.fingerprint_on]).to(meta.device)
+        return torch.where(on, meta, -1)
+
+    def _negatives(self, queue: FeatureQueue, batch_keys: torch.Tensor, batch_meta: torch.Tensor):
+        """[gathered batch keys ; written queue rows] (float32) and their meta [N, 4]."""
+        queue_meta = torch.cat([queue.ids.view(-1, 1), queue.fingerprints], dim=1)
+        return negative_bank(batch_keys, batch_meta, queue.features, queue_meta, self.cfg.in_batch_negatives)
 
     @torch.no_grad()
     def enqueue(self, out: StepOutput) -> None:
         """Push the gathered keys: image keys -> image queue, text keys -> text queue."""
-        self.image_queue.enqueue(out.keys_img, out.key_ids)
-        self.text_queue.enqueue(out.keys_txt, out.key_ids)
+        self.image_queue.enqueue(out.keys_img, out.key_ids, out.key_fingerprints)
+        self.text_queue.enqueue(out.keys_txt, out.key_ids, out.key_fingerprints)
 
 
 def negative_bank(batch_keys: torch.Tensor, batch_ids: torch.Tensor, queue_rows: torch.Tensor,
                   queue_ids: torch.Tensor, in_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One direction's negatives [N, D] (float32) and ids [N]: the gathered batch keys
-    (when `in_batch`) followed by the queue rows. The memory planner traces this too."""
+    """One direction's negatives [N, D] (float32) and ids [N] or meta [N, F]: the gathered
+    batch keys (when `in_batch`) followed by the queue rows. The memory planner traces this too."""
     if not in_batch:
         return queue_rows.float(), queue_ids
     if queue_rows.shape[0] == 0:  # no copy: in the CLIP mode the gathered rows carry gradients
@@ -310,38 +348,43 @@ def negative_bank(batch_keys: torch.Tensor, batch_ids: torch.Tensor, queue_rows:
     return torch.cat([batch_keys, queue_rows.float()]), torch.cat([batch_ids, queue_ids])
 
 
-def _pack(img: torch.Tensor, txt: torch.Tensor, sample_id: torch.Tensor) -> torch.Tensor:
-    """[B, 2D+2] float32: both modalities and the int64 ids, bit-for-bit as two float32
-    columns, so that ONE collective gathers all three."""
-    ids_f = sample_id.to(torch.int64).contiguous().view(torch.float32).view(-1, 2)
-    return torch.cat([img.float(), txt.float(), ids_f], dim=1)
+N_FINGERPRINTS = 3  # caption text, image, group
+
+
+def _meta(sample_id: torch.Tensor, fingerprints: torch.Tensor | None) -> torch.Tensor:
+    """[B, 1 + N_FINGERPRINTS] int64: the sample id, then its fingerprints (-1: none)."""
+    ids = sample_id.to(torch.int64).view(-1, 1)
+    if fingerprints is None:
+        return torch.cat([ids, ids.new_full((ids.shape[0], N_FINGERPRINTS), -1)], dim=1)
+    if fingerprints.shape != (ids.shape[0], N_FINGERPRINTS):
+        raise ValueError(f"fingerprints must be [{ids.shape[0]}, {N_FINGERPRINTS}], got {tuple(fingerprints.shape)}")
+    return torch.cat([ids, fingerprints.to(torch.int64)], dim=1)
+
+
+def _pack(img: torch.Tensor, txt: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """[B, 2D + 2F] float32: both modalities and the int64 meta [B, F], bit-for-bit as pairs
+    of float32 columns, so that ONE collective gathers all three."""
+    meta_f = meta.to(torch.int64).contiguous().view(torch.float32)
+    return torch.cat([img.float(), txt.float(), meta_f], dim=1)
 
 
 def _unpack(packed: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of `_pack` on gathered rows -> img [N, D], txt [N, D], ids [N] int64."""
-    ids = packed[:, 2 * d:].detach().contiguous().view(torch.int64).view(-1)
-    return packed[:, :d], packed[:, d:2 * d], ids
+    """Inverse of `_pack` on gathered rows -> img [N, D], txt [N, D], meta [N, F] int64."""
+    meta = packed[:, 2 * d:].detach().contiguous().view(torch.int64)
+    return packed[:, :d], packed[:, d:2 * d], meta
 
 
 @torch.no_grad()
 def mean_negative_sim(q: torch.Tensor, q_ids: torch.Tensor, negatives: torch.Tensor,
                       neg_ids: torch.Tensor) -> torch.Tensor:
     """Mean over rows i of the mean similarity q_i . n_j over the negatives the loss counts
-    (those with neg_ids[j] != q_ids[i]); 0-d float32.
-
-    Linear in the negatives, so no [B, N] matrix: row i's sum is q_i . (sum_j n_j - the
-    negatives carrying its id). Each negative's id matches at most one query row (a
-    batch's ids are distinct), found by a binary search; no host sync.
-    """
-    n = negatives.shape[0]
-    if n == 0:
+    (`losses.excluded` leaves them in); 0-d float32. Costs a [B, N] product: the trainer
+    asks for it on logging steps only."""
+    if negatives.shape[0] == 0:
         return torch.zeros((), device=q.device)
-    q, negatives = q.detach().float(), negatives.detach().float()
-    sorted_ids, order = q_ids.sort()
-    slot = torch.searchsorted(sorted_ids, neg_ids).clamp(max=q.shape[0] - 1)
-    hit = (sorted_ids[slot] == neg_ids).float()
-    row = order[slot]
-    own = torch.zeros_like(q).index_add_(0, row, negatives * hit[:, None])  # [B, D]
-    count = n - torch.zeros(q.shape[0], device=q.device).index_add_(0, row, hit)
-    per_row = torch.linalg.vecdot(q, negatives.sum(0) - own) / count.clamp(min=1)
-    return per_row.mean()
+    sims = q.detach().float() @ negatives.detach().float().t()
+    mask = excluded(q_ids, neg_ids)
+    if mask is None:
+        return sims.mean()
+    keep = (~mask).float()
+    return ((sims * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()

@@ -32,8 +32,12 @@ class LossFootprint:
 
 @lru_cache(maxsize=256)
 def loss_footprint(loss: str, learn_temperature: bool, embed_dim: int, batch: int, queue_rows: int,
-                   batch_key_rows: int, queue_dtype: str, bf16: bool, grad_keys: bool = False) -> LossFootprint:
-    """Trace `LOSSES[loss]` for one direction as `DualQueueMoCo.forward` calls it.
+                   batch_key_rows: int, queue_dtype: str, bf16: bool, grad_keys: bool = False,
+                   params: tuple = (), distill: bool = False) -> LossFootprint:
+    """Trace the objective `loss` for one direction as `DualQueueMoCo.forward` calls it:
+    with its hyper-parameters `params` ((name, value) pairs), its trained scalars, the
+    [rows, 1 + fingerprints] exclusion keys, and (`distill`) a teacher for momentum
+    distillation.
 
     The bank is built by the model's own `negative_bank`: `cat([gathered batch keys
     (float32); queue rows .float()])`. `grad_keys`: the CLIP mode, where the keys and
@@ -41,30 +45,35 @@ def loss_footprint(loss: str, learn_temperature: bool, embed_dim: int, batch: in
     positive keys, gathered keys and queue storage are costed elsewhere and excluded
     here. ~0.1 s (fake tensors, any size).
     """
-    from moco_mm.model.dual_queue import negative_bank
-    from moco_mm.model.losses import LOSSES
+    from moco_mm.model.dual_queue import N_FINGERPRINTS, negative_bank
+    from moco_mm.model.losses import OBJECTIVES
 
-    fn = LOSSES[loss]
-    d = embed_dim
+    objective = OBJECTIVES[loss]
+    d, f = embed_dim, 1 + N_FINGERPRINTS
     with _fake_mode():
         q = torch.empty(batch, d, requires_grad=True)
         k = torch.empty(batch, d, requires_grad=grad_keys)
-        q_ids = torch.zeros(batch, dtype=torch.long)
+        teacher = torch.empty(batch, d) if distill else None
+        q_ids = torch.zeros(batch, f, dtype=torch.long)
         gathered = torch.empty(batch_key_rows, d, requires_grad=grad_keys)
-        gathered_ids = torch.zeros(batch_key_rows, dtype=torch.long)
+        gathered_ids = torch.zeros(batch_key_rows, f, dtype=torch.long)
         queue = torch.empty(queue_rows, d, dtype=torch.bfloat16 if queue_dtype == "bfloat16" else torch.float32)
-        queue_ids = torch.zeros(queue_rows, dtype=torch.long)
+        queue_ids = torch.zeros(queue_rows, f, dtype=torch.long)
         log_t = torch.zeros((), requires_grad=learn_temperature)
+        scalars = {name: torch.tensor(float(init), requires_grad=True) for name, init in objective.learnt}
         seeds = {_key(gathered), _key(queue)}
-        ignore = {_key(t) for t in (q, k, q_ids, gathered, gathered_ids, queue, queue_ids, log_t)}
+        ignore = {_key(t) for t in (q, k, q_ids, gathered, gathered_ids, queue, queue_ids, log_t,
+                                    *scalars.values(), *([teacher] if distill else []))}
         saved_hook = _SavedBytes(ignore)
         live = _LiveBytes(ignore, derived=set(seeds))
+        extra = dict(teacher=teacher, alpha=0.4) if distill else {}
         with saved_hook.hooks(), live:
             live.watch()
             with _autocast(torch.bfloat16 if bf16 else None):
                 temperature = log_t.exp()
                 bank, ids = negative_bank(gathered, gathered_ids, queue, queue_ids, in_batch=batch_key_rows > 0)
-                out = fn(q, k, bank, temperature, q_ids, ids, grad_keys=grad_keys)
+                out = objective.fn(q, k, bank, temperature, q_ids, ids, grad_keys=grad_keys, **dict(params),
+                                   **scalars, **extra)
                 del bank, ids
             forward_peak = live.peak
             negatives = saved_hook.total(live.derived)
@@ -95,7 +104,8 @@ _LOSS_FIT_N = (512, 1024)
 
 @lru_cache(maxsize=64)
 def loss_model(loss: str, learn_temperature: bool, embed_dim: int, in_batch_negatives: bool,
-               queue_dtype: str, bf16: bool, grad_keys: bool = False) -> dict[str, Bilinear]:
+               queue_dtype: str, bf16: bool, grad_keys: bool = False, params: tuple = (),
+               distill: bool = False) -> dict[str, Bilinear]:
     """Each `LossFootprint` field as a bilinear function of (B, N), from 4 exact traces.
 
     Every tensor the loss holds is [B, N(+1)], [N, D], [B, D] or a scalar, so the saved
@@ -108,7 +118,8 @@ def loss_model(loss: str, learn_temperature: bool, embed_dim: int, in_batch_nega
     for b in (b1, b2):
         for n in (n1, n2):
             g = b if in_batch_negatives else 0  # gathered keys of a single rank
-            pts[b, n] = loss_footprint(loss, learn_temperature, embed_dim, b, n - g, g, queue_dtype, bf16, grad_keys)
+            pts[b, n] = loss_footprint(loss, learn_temperature, embed_dim, b, n - g, g, queue_dtype, bf16, grad_keys,
+                                       params, distill)
     out = {}
     for f in dataclasses.fields(LossFootprint):
         v = {bn: getattr(fp, f.name) for bn, fp in pts.items()}

@@ -29,7 +29,8 @@ D = model.embed_dim, N = K + W*B negatives per query with in-batch negatives on)
 - the loss: the negatives bank, the logits [B, N+1] and masks it saves (both
   directions) and the logits' gradients, traced the same way at the exact B and N (the
   searches use a bilinear fit in B and N of four such traces);
-- the gathered keys [W*B, 2D+2] (held until the enqueue, per micro-batch) and, for
+- the gathered keys [W*B, 2D+8] (both modalities and the int64 meta — id and 3
+  fingerprints — as float32 pairs; held until the enqueue, per micro-batch) and, for
   BatchNorm towers with W > 1, the Shuffle-BN gathered inputs.
 
 Three phases are costed and the largest is the peak: `forward` (end of the query
@@ -53,15 +54,19 @@ which the CPU cannot fuse, is traced without it: what CUDA's fused kernels keep.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 from moco_mm.config import Config, queue_warnings
-from moco_mm.model.losses import learns_temperature
+from moco_mm.model.dual_queue import N_FINGERPRINTS
+from moco_mm.model.losses import learns_temperature, objective_params
 from moco_mm.plan.loss import LossFootprint, loss_footprint, loss_model
 from moco_mm.plan.profiles import ModelProfile, default_vocab_size, profile_model
 from moco_mm.plan.trace import _F32, _I64, _QUEUE_BYTES, GIB
+
+META_COLUMNS = 1 + N_FINGERPRINTS  # sample id + fingerprints, int64, per key row
 
 # ---------------------------------------------------------------------------------------
 # GPUs and the margin
@@ -112,7 +117,7 @@ PART_NOTES = {
     "optimizer.step_temp": "foreach AdamW temporaries (one fp32 copy)",
     "ddp.buckets": "DDP gradient buckets (world size > 1)",
     "queues.features": "2 queues x K x D in queue.dtype",
-    "queues.ids": "2 queues x K int64 sample ids",
+    "queues.ids": "2 queues x K x (sample id + 3 fingerprints) int64",
     "inputs": "the batch on the GPU (images fp32, token ids, masks)",
     "activations.image": "image query tower: kept for backward (+ autocast weight cache in forward)",
     "activations.text": "text query tower: kept for backward (+ autocast weight cache in forward)",
@@ -207,16 +212,18 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
     ddp = {"ddp.buckets": grads if w > 1 else 0}
     queues = {
         "queues.features": 2 * k * d * _QUEUE_BYTES[cfg.queue.dtype],
-        "queues.ids": 2 * k * _I64,
+        "queues.ids": 2 * k * META_COLUMNS * _I64,
     }
     inputs = {"inputs": b * (profile.image.input_bytes_per_sample + profile.text.input_bytes_per_sample)}
-    # compute_keys: packed all-gather [W*B, 2D+2] fp32 (a view of the local cat when W=1,
-    # plus the send buffer when W>1) and an int64 copy of the ids; each micro-batch's are
+    # compute_keys: packed all-gather [W*B, 2D+2F] fp32 (F int64 meta columns; a view of the
+    # local cat when W=1, plus the send buffer when W>1) and an int64 copy of the meta; each
+    # micro-batch's are
     # held until the enqueue after the optimizer step. Local keys [B, D] x 2 (in the CLIP
     # mode the keys are the queries, costed with the towers; the gathered rows get a
     # gradient of their own size in backward).
     clip = not m.momentum_encoder
-    packed = wb * (2 * d + 2) * _F32 + wb * _I64 + (b * (2 * d + 2) * _F32 if w > 1 else 0)
+    row = (2 * d + 2 * META_COLUMNS) * _F32
+    packed = wb * row + wb * META_COLUMNS * _I64 + (b * row if w > 1 else 0)
     gathered = {"gathered.keys": accum * packed + (0 if clip else 2 * b * d * _F32)}
     shuffle = 0
     if w > 1:
@@ -227,10 +234,12 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
     g = wb if m.in_batch_negatives else 0
     bf16 = profile.precision == "bf16"
     learnt_t = learns_temperature(m.loss, m.learn_temperature)
+    params = tuple(sorted(objective_params(m).items()))
+    distill = m.momentum_encoder and m.distill_alpha > 0
     if exact_loss:
-        lf = loss_footprint(m.loss, learnt_t, d, b, k, g, cfg.queue.dtype, bf16, clip)
+        lf = loss_footprint(m.loss, learnt_t, d, b, k, g, cfg.queue.dtype, bf16, clip, params, distill)
     else:
-        fit = loss_model(m.loss, learnt_t, d, m.in_batch_negatives, cfg.queue.dtype, bf16, clip)
+        fit = loss_model(m.loss, learnt_t, d, m.in_batch_negatives, cfg.queue.dtype, bf16, clip, params, distill)
         lf = LossFootprint(**{name: f.at(b, k + g) for name, f in fit.items()})
     img, txt = profile.image, profile.text
 
@@ -286,6 +295,36 @@ def _largest(fits: Callable[[int], bool], lo: int) -> int:
     return good
 
 
+def _confirmed(fits: Callable[..., bool], guess: int) -> int:
+    """The largest n with fits(n, exact=True) (0: none), starting from the fitted search's
+    `guess`: usually right or off by a few, so gallop away from it one, two, four ... steps,
+    then bisect (a handful of exact traces instead of one per candidate)."""
+    exact = functools.partial(fits, exact=True)
+    if guess < 1:
+        if not exact(1):
+            return 0
+        guess = 1
+    if exact(guess):  # the fit was right or low: gallop up
+        step = 1
+        while exact(guess + step):
+            guess, step = guess + step, step * 2
+        return _bisect(exact, guess, guess + step)
+    bad, step = guess, 1  # the fit was high: gallop down
+    while bad - step >= 1 and not exact(bad - step):
+        bad, step = bad - step, step * 2
+    if bad - step < 1:
+        return _bisect(exact, 1, bad) if exact(1) else 0
+    return _bisect(exact, bad - step, bad)
+
+
+def _bisect(fits: Callable[[int], bool], good: int, bad: int) -> int:
+    """Largest n in [good, bad) with fits(n), given fits(good) and not fits(bad)."""
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
 def resolve_gpu(gpu: str | GpuSpec) -> GpuSpec:
     if isinstance(gpu, GpuSpec):
         return gpu
@@ -333,16 +372,10 @@ def plan(cfg: Config, gpu: str | GpuSpec, world_size: int = 8, *, vocab_size: in
     def queue_fits(n: int, exact: bool = False) -> bool:
         return _required(cfg, profile, world_size, b, n, margin, exact) <= spec.capacity_bytes
 
-    # Search with the fitted loss model, then confirm the answer with an exact trace.
-    max_batch = max(0, _largest(batch_fits, 1))
-    while max_batch > 0 and not batch_fits(max_batch, exact=True):
-        max_batch -= 1
-    while batch_fits(max_batch + 1, exact=True):
-        max_batch += 1
+    # Search with the fitted loss model, then correct the answer with exact traces.
+    max_batch = _confirmed(batch_fits, max(0, _largest(batch_fits, 1)))
     if cfg.queue.enabled:
-        max_queue = max(0, _largest(queue_fits, 1))
-        while max_queue > 0 and not queue_fits(max_queue, exact=True):
-            max_queue = max(0, max_queue - max(1, max_queue // 1000))
+        max_queue = _confirmed(queue_fits, max(0, _largest(queue_fits, 1)))
     else:
         max_queue = 0
         notes.append("queue.enabled is false: no queue is held (max_queue_size 0)")

@@ -17,6 +17,7 @@ import sys
 
 from moco_mm import distributed as D
 from moco_mm.config import ConfigError, config_yaml, describe_keys, load_config
+from moco_mm.model.losses import validate_objective
 from moco_mm.train.trainer import Trainer
 
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     try:
         # Validated before any process group, model or data loader exists.
         cfg = load_config(args.config, args.overrides, world_size=D.launcher_world_size())
+        validate_objective(cfg.model)  # the objective's own parameters (model.loss_params)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

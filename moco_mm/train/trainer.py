@@ -270,8 +270,21 @@ class Trainer:
 
     # --- one optimizer step ------------------------------------------------------------
 
-    def train_step(self, batches) -> dict:
-        """One optimizer step over `optim.accum_steps` micro-batches from `batches`.
+    def distill_alpha(self) -> float:
+        """This step's momentum-distillation weight: `model.distill_alpha`, ramped linearly
+        from 0 over `model.distill_warmup_steps` optimizer steps (-1: the first epoch, as
+        ALBEF does)."""
+        m = self.cfg.model
+        if m.distill_alpha <= 0 or not m.momentum_encoder:
+            return 0.0
+        warmup = m.distill_warmup_steps
+        if warmup < 0:
+            warmup = max(1, self.batches_per_epoch // self.cfg.optim.accum_steps)
+        return m.distill_alpha * (min(1.0, self.step / warmup) if warmup > 0 else 1.0)
+
+    def train_step(self, batches, stats: bool = True) -> dict:
+        """One optimizer step over `optim.accum_steps` micro-batches from `batches`;
+        `stats`: also compute the diagnostics that cost extra (neg_sim: logging steps).
 
         A step whose loss (on any rank) or gradient norm is not finite is skipped: weights,
         key towers, BatchNorm running statistics, queues and optimizer state stay exactly
@@ -286,25 +299,28 @@ class Trainer:
         # The forward updates BatchNorm running statistics before anyone knows whether the
         # step is finite: keep a copy to put back if it is not (a few KiB per tower).
         bn_before = self.model.query_bn_state()
-        stats = StepStats()
+        alpha = self.distill_alpha()
+        acc = StepStats()
         outs = []
         for i in range(accum):
             t0 = time.perf_counter()
             batch = next(batches)
-            stats.data_s += time.perf_counter() - t0
+            acc.data_s += time.perf_counter() - t0
             self.loader_state.update(batch)
             self.counters.skipped_samples += int(D.all_reduce_sum(batch["n_skipped"].to(self.device)))
             inputs = {k: batch[k].to(self.device, non_blocking=True)
-                      for k in ("image", "input_ids", "attention_mask", "sample_id")}
+                      for k in ("image", "input_ids", "attention_mask", "sample_id", "fingerprints") if k in batch}
             # No gradient all-reduce until the last micro-batch.
             sync = self.query.no_sync() if (isinstance(self.query, DDP) and i < accum - 1) else contextlib.nullcontext()
             with sync:
                 with self._autocast():
-                    out = self.model(**inputs, query=self.query_fn)
+                    out = self.model(**inputs, query=self.query_fn, distill_alpha=alpha, stats=stats)
                 (out.loss / accum).backward()
             outs.append(out)
             for name in ("loss", "loss_i2t", "loss_t2i", "pos_sim", "neg_sim"):
-                setattr(stats, name, getattr(stats, name) + getattr(out, name).detach() / accum)
+                value = getattr(out, name)
+                if value is not None:
+                    setattr(acc, name, getattr(acc, name) + value.detach() / accum)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
@@ -313,7 +329,7 @@ class Trainer:
                 torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
         # The gradient is all-reduced, so its norm agrees on every rank; the loss is
         # rank-local, so its finiteness is agreed on with a collective.
-        loss_bad = D.all_reduce_sum((~torch.isfinite(stats.loss)).float().reshape(1))
+        loss_bad = D.all_reduce_sum((~torch.isfinite(acc.loss)).float().reshape(1))
         finite = bool(torch.isfinite(grad_norm)) and float(loss_bad) == 0.0
         m = momentum_at(self.step, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule)
         if finite:
@@ -333,21 +349,27 @@ class Trainer:
             self.counters.consecutive_bad += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        mean = lambda t: D.all_reduce_mean(t.reshape(1)).item()  # noqa: E731 (every rank's rows count)
-        return {
-            "loss": mean(stats.loss),
-            "loss_i2t": mean(stats.loss_i2t),
-            "loss_t2i": mean(stats.loss_t2i),
+        mean = lambda t: D.all_reduce_mean(torch.as_tensor(t).reshape(1)).item()  # noqa: E731 (every rank's rows count)
+        out = {
+            "loss": mean(acc.loss),
+            "loss_i2t": mean(acc.loss_i2t),
+            "loss_t2i": mean(acc.loss_t2i),
             "lr": lr,
             **({"momentum": m} if self.model.has_key_towers else {}),
             "temperature": self.model.query.temperature().item(),
             "grad_norm": float(grad_norm),
-            "pos_sim": mean(stats.pos_sim),
-            "neg_sim": mean(stats.neg_sim),
+            "pos_sim": mean(acc.pos_sim),
             "queue_fill": len(self.model.image_queue) / max(self.model.image_queue.size, 1),
-            "data_s": stats.data_s,
+            "data_s": acc.data_s,
             "finite": finite,
         }
+        if stats:
+            out["neg_sim"] = mean(acc.neg_sim)
+        if alpha > 0 or self.cfg.model.distill_alpha > 0:
+            out["distill_alpha"] = alpha
+        for name, p in self.model.query.loss_scalars.items():
+            out[f"loss/{name}"] = float(p)
+        return out
 
     # --- eval --------------------------------------------------------------------------
 
@@ -397,7 +419,8 @@ class Trainer:
         window_t, window_steps, window_data = time.perf_counter(), 0, 0.0
         stop_reason = None
         while self.step < cfg.run.steps:
-            m = self.train_step(batches)
+            next_step = self.step + 1
+            m = self.train_step(batches, stats=next_step % cfg.run.log_every == 0 or next_step == cfg.run.steps)
             window_steps += 1
             window_data += m.pop("data_s")
             finite = m.pop("finite")

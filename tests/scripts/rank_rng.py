@@ -29,7 +29,7 @@ mask = torch.ones_like(ids)
 def outputs(train: bool) -> torch.Tensor:
     model.query.train(train)
     with torch.no_grad():
-        q_img, q_txt, _ = model.query(image, ids, mask)
+        q_img, q_txt, _, _ = model.query(image, ids, mask)
     return torch.cat([q_img, q_txt], dim=1)
 
 
