@@ -108,15 +108,15 @@ def check_batch(batch: dict, tokenizer, batch_size: int, *, stored_fp: bool = Fa
     """Shapes/dtypes of the contract, and each row's image, caption and fingerprints belong to its
     sample_id. stored_fp: written by make_shards (KEY.json image_fp), else by make_shard_dir
     (fingerprint of the PNG bytes); groups: make_shard_dir(groups=True)."""
-    assert batch["image"].shape == (batch_size, 3, SIZE, SIZE) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (batch_size, 3, SIZE, SIZE) and batch["image"].dtype == torch.uint8
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (batch_size, L)
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
     assert batch["sample_id"].shape == (batch_size,) and batch["sample_id"].dtype == torch.int64
     assert batch["fingerprints"].shape == (batch_size, 3) and batch["fingerprints"].dtype == torch.int64
-    for key in ("n_skipped", "worker_id", "worker_pos", "step"):
-        assert batch[key].shape == () and batch[key].dtype == torch.int64
+    for key in ("n_skipped", "worker_id", "worker_pos", "epoch", "step"):
+        assert type(batch[key]) is int, key  # plain ints: no tensor -> host sync to read them
     for row, sid in enumerate(batch["sample_id"].tolist()):
-        pixels = (batch["image"][row] * 255).round().to(torch.int64)
+        pixels = batch["image"][row].to(torch.int64)  # uint8: the pixels themselves
         assert (pixels == torch.tensor(colour_for(sid)).view(3, 1, 1)).all(), sid
         text = tokenizer.decode(batch["input_ids"][row], skip_special_tokens=True)
         assert text in (caption_for(sid, 0), caption_for(sid, 1)), (sid, text)
@@ -131,7 +131,14 @@ def check_batch(batch: dict, tokenizer, batch_size: int, *, stored_fp: bool = Fa
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    """Equal batch lists: tensors bit for bit (dtype included), ints by value."""
+    def eq(u, v) -> bool:
+        if isinstance(u, torch.Tensor) or isinstance(v, torch.Tensor):
+            return (isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) and u.dtype == v.dtype
+                    and torch.equal(u, v))
+        return type(u) is type(v) and u == v
+
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
                                     for x, y in zip(a, b))
 
 
@@ -340,7 +347,7 @@ def test_eval_iterator_yields_every_sample_once_in_order(tmp_path, tokenizer):
     assert ids(batches) == good  # tar order, each once, corrupt one left out
     assert sum(int(b["n_skipped"]) for b in batches) == 1
     for b in batches:
-        assert b["image"].shape[1:] == (3, SIZE, SIZE)
+        assert b["image"].shape[1:] == (3, SIZE, SIZE) and b["image"].dtype == torch.uint8
         assert b["captions"] == [[caption_for(i, 0), caption_for(i, 1)] for i in b["sample_id"].tolist()]
         assert b["caption_sample_id"].tolist() == [i for i in b["sample_id"].tolist() for _ in range(2)]
         texts = tokenizer.batch_decode(b["input_ids"], skip_special_tokens=True)
@@ -354,14 +361,15 @@ def test_transforms(tokenizer):
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
     train = build_transforms(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True)
     a = train(noise, torch.Generator().manual_seed(1))
-    assert a.shape == (3, 16, 16) and a.dtype == torch.float32
+    assert a.shape == (3, 16, 16) and a.dtype == torch.uint8  # normalised later, by the consumer
+    assert train.normalize(a[None]).dtype == torch.float32
     assert torch.equal(a, train(noise, torch.Generator().manual_seed(1)))
     assert not torch.equal(a, train(noise, torch.Generator().manual_seed(2)))
     with pytest.raises(ValueError, match="Generator"):
         train(noise)
     evaluate = build_transforms(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=False)
     e = evaluate(noise)
-    assert e.shape == (3, 16, 16) and torch.equal(e, evaluate(noise))
+    assert e.shape == (3, 16, 16) and e.dtype == torch.uint8 and torch.equal(e, evaluate(noise))
     assert not train.hflip  # off by default: captions say "left" and "right"
 
 

@@ -7,8 +7,10 @@ Read top to bottom, the data path is:
     sources.py      a shard spec -> ShardSource (URLs + samples per shard)
     samples.py      tar members -> RawSample -> decoded (sample_id, captions, image, fingerprints)
     fingerprints.py stable 63-bit fingerprints of caption text, image pixels, bytes, groups
-    transforms.py   image -> normalised tensor (random draws from a given generator)
-    loader.py       the epoch plan, the exact resumable training stream, the eval stream
+    transforms.py   image -> uint8 tensor (random draws from a given generator); .normalize(batch)
+                    -> float32, run by the consumer on its device
+    loader.py       the epoch plan, the exact resumable training stream (one DataLoader for the
+                    run: make_stream; one epoch: make_loader), the eval stream
     demo.py         the procedural demo set and its locally trained tokenizer
 
 Imports: this package uses only the base modules (config, distributed, metrics) and
@@ -25,12 +27,15 @@ from moco_mm.data.fingerprints import (
                                        text_fingerprint,
 )
 from moco_mm.data.loader import (
+                                 BatchStream,
                                  EpochLoader,
                                  EpochPlan,
                                  LoaderState,
                                  choose_caption,
                                  iter_eval_batches,
                                  make_loader,
+                                 make_stream,
+                                 pin_memory_for,
                                  plan_epoch,
                                  steps_per_epoch,
 )
@@ -41,6 +46,7 @@ from moco_mm.data.transforms import ImageTransform, build_transforms
 __all__ = [
     "DataError", "ShardSource", "count_samples", "RawSample", "iter_raw_samples", "Decoded", "decode_sample",
     "ImageTransform", "build_transforms", "EpochPlan", "plan_epoch", "steps_per_epoch", "LoaderState",
-    "EpochLoader", "make_loader", "iter_eval_batches", "choose_caption", "FINGERPRINT_COLUMNS",
+    "EpochLoader", "make_loader", "BatchStream", "make_stream", "pin_memory_for", "iter_eval_batches",
+    "choose_caption", "FINGERPRINT_COLUMNS",
     "normalize_caption", "text_fingerprint", "image_fingerprint", "bytes_fingerprint", "group_fingerprint",
 ]

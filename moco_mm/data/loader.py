@@ -7,24 +7,35 @@ Public API (all the trainer needs):
                                  crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
     n = steps_per_epoch(source, batch_size=B, world_size=W, workers=K)  # same for every epoch
     state = LoaderState.start(epoch, workers=K)             # or LoaderState.from_dict(saved)
-    loader = make_loader(source, batch_size=B, tokenizer=tok, max_length=L, transform=transform,
-                         seed=seed, epoch=state.epoch, rank=r, world_size=W, workers=K,
-                         start_step=state.step, positions=state.positions,
-                         shuffle_buffer=..., max_consecutive_bad=...)
-    for batch in loader:            # len(loader) == n - state.step
-        ...train on batch...
-        state.update(batch)         # after the batch's effect is part of the run
+    stream = make_stream(source, batch_size=B, tokenizer=tok, max_length=L, transform=transform,
+                         seed=seed, state=state, rank=r, world_size=W, workers=K,
+                         shuffle_buffer=..., max_consecutive_bad=...,
+                         pin_memory=pin_memory_for(cfg.data.pin_memory, device),
+                         prefetch_factor=cfg.data.prefetch_factor)
+    for batch in stream:            # endless: epoch e from state.step on, then e + 1, e + 2, ...
+        images = transform.normalize(batch["image"].to(device, non_blocking=True))  # float32
+        ...train on images and the rest of the batch...
+        state.update(batch)         # after the batch's effect is part of the run; it follows
+                                    # the epoch change by itself
+    stream.close()                  # stops the worker processes (also: `with make_stream(...)`)
     # checkpoint: store state.to_dict() of EVERY rank (step and epoch agree across ranks,
-    # positions differ once a rank has skipped a corrupt sample); when state.step reaches
-    # len(loader) + start_step the epoch is over: continue with LoaderState.start(epoch + 1, K)
+    # positions differ once a rank has skipped a corrupt sample); resume with
+    # make_stream(..., state=LoaderState.from_dict(saved)).
 
     for batch in iter_eval_batches(ShardSource.from_spec(cfg.data.val), batch_size=...,
                                    transform=build_transforms(..., train=False), tokenizer=tok,
                                    max_length=L):      # every sample once, in order
+        images = eval_transform.normalize(batch["image"].to(device))   # uint8 -> float32
         ...
 
-Batch (from `make_loader`), B = batch_size, L = max_length:
-    image          float32 [B, 3, H, W]  normalised with the caller's mean/std
+`make_loader(..., epoch=e, start_step=s, positions=p)` yields the batches of one epoch only
+(from batch s on), through a DataLoader of its own; the concatenation of make_loader epochs
+e, e + 1, ... is exactly make_stream's sequence. make_stream starts its worker processes once
+for the whole run; make_loader starts them per epoch (tests, tools, one-epoch benchmarks).
+
+Batch (from `make_stream` and `make_loader`), B = batch_size, L = max_length:
+    image          uint8   [B, 3, H, W]  the transformed pixels, NOT normalised: the consumer
+                                         calls transform.normalize(image on its device)
     input_ids      int64   [B, L]        padded to L (fixed shape), truncated
     attention_mask int64   [B, L]
     sample_id      int64   [B]           stable ids written by make_shards
@@ -34,10 +45,15 @@ Batch (from `make_loader`), B = batch_size, L = max_length:
                                                  bytes_fingerprint(image member) for older shards,
                                          group = group_fingerprint(KEY.json "group"), -1 if none.
                                          Equal values = exact duplicates (never mask on -1).
-    n_skipped      int64   []            corrupt raw samples skipped while making this batch
-    worker_id      int64   []            the logical reader (0..workers-1) that made it
-    worker_pos     int64   []            raw samples that reader has consumed after it
-    step           int64   []            index of this batch in the epoch (0-based)
+    n_skipped      int                   corrupt raw samples skipped while making this batch
+    worker_id      int                   the logical reader (0..workers-1) that made it
+    worker_pos     int                   raw samples that reader has consumed in this epoch
+    epoch          int                   the epoch the batch belongs to
+    step           int                   index of this batch in its epoch (0-based)
+The metadata are plain Python ints (no tensor, so reading them costs no device sync). With
+workers > 0 the five tensors are built directly in shared memory by the worker (as torch's
+default_collate does for its batches), so handing a batch to the main process copies no
+pixels; with pin_memory the DataLoader then copies them once into page-locked memory.
 
 How an epoch is laid out (a pure function of seed, epoch, world size, workers, batch size
 and the shard list):
@@ -56,8 +72,11 @@ and the shard list):
     (drop-last remainder; which ones changes every epoch with the permutation). Equal-size
     shards, N a multiple of S and B dividing N/S * shard size lose nothing.
   * Batch order: batch `t` of the epoch comes from reader `t % K`; PyTorch's DataLoader
-    round-robins its workers in order, and a resumed loader maps DataLoader worker `j` to
-    reader `(start_step + j) % K`, so the order is the same.
+    round-robins its workers in order, and a loader started at step `s` maps DataLoader
+    worker `j` to reader `(s + j) % K`, so the order is the same. Because every reader
+    yields the same number of batches per epoch, that mapping holds in every later epoch
+    too: make_stream's worker j streams reader (s + j) % K's batches of epoch e, then its
+    batches of e + 1, ..., and the round robin stays aligned across epoch boundaries.
   * Augmentation draws come from a torch.Generator seeded from (seed, epoch, slot, raw
     position); the caption of a multi-caption sample is chosen from (caption_seed, epoch,
     sample_id). No global RNG is touched. Fingerprints are a pure function of the sample's
@@ -66,11 +85,13 @@ and the shard list):
 Exact resume (what the trainer must store): `LoaderState` = {epoch, step, positions}, where
 `step` is the number of batches of this epoch already consumed and `positions[w]` is
 `worker_pos` of the last consumed batch made by reader `w` (0 if none yet). Positions are per
-rank; every rank must resume from its own. `LoaderState.update(batch)` maintains it. Passing
+rank; every rank must resume from its own. `LoaderState.update(batch)` maintains it (a batch
+of epoch + 1 with step 0 starts the new epoch: step and positions restart from 0). Passing
 `positions` makes the resumed stream identical to the uninterrupted one even when corrupt
-samples were skipped; `start_step` alone assumes none were (position = batches * B). A
-resumed reader re-reads (but does not decode) the raw samples before its position, so the
-shuffle buffer is rebuilt exactly.
+samples were skipped; `start_step` alone (make_loader) assumes none were (position =
+batches * B). A resumed reader re-reads (but does not decode) the raw samples before its
+position, so the shuffle buffer is rebuilt exactly. A state whose step equals
+steps_per_epoch (saved after an epoch's last batch) resumes at batch 0 of the next epoch.
 
 Corrupt samples (missing members, undecodable image, bad json/caption, a KEY.json
 "image_fp" that is not an integer in [0, 2**63) or a "group" that is not a string/integer) are skipped,
@@ -87,6 +108,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import os
 import random
 import time
@@ -104,7 +126,7 @@ from moco_mm.data.transforms import ImageTransform
 
 __all__ = [
     "EpochPlan", "plan_epoch", "steps_per_epoch", "LoaderState", "EpochLoader", "make_loader",
-    "iter_eval_batches", "choose_caption",
+    "BatchStream", "make_stream", "pin_memory_for", "iter_eval_batches", "choose_caption",
 ]
 
 log = logging.getLogger(__name__)
@@ -251,10 +273,12 @@ class LoaderState:
     """Exactly what a trainer stores (per rank) to resume the data stream.
 
     epoch: the epoch being read; step: batches of it consumed; positions[w]: `worker_pos` of
-    the last consumed batch of reader w (0 if none). JSON-friendly via to_dict/from_dict.
-    Resume with make_loader(..., epoch=s.epoch, start_step=s.step, positions=s.positions) and
-    the same seed, world size, workers, batch size and shards; once step equals the epoch's
-    steps_per_epoch, begin the next epoch with LoaderState.start(epoch + 1, workers).
+    the last consumed batch of reader w in this epoch (0 if none). JSON-friendly via
+    to_dict/from_dict. Resume with make_stream(..., state=s) and the same seed, world size,
+    workers, batch size and shards. `update` follows the stream into the next epoch by
+    itself. (One epoch at a time: make_loader(..., epoch=s.epoch, start_step=s.step,
+    positions=s.positions), and once step equals steps_per_epoch, LoaderState.start(epoch + 1,
+    workers) or just update() with the next epoch's first batch.)
     """
 
     epoch: int = 0
@@ -266,13 +290,26 @@ class LoaderState:
         return cls(epoch, 0, [0] * max(workers, 1))
 
     def update(self, batch: dict) -> None:
-        """Record that `batch` was consumed (call once per batch, in order)."""
+        """Record that `batch` was consumed (call once per batch, in order).
+
+        A batch of epoch + 1 must be that epoch's step 0: step and positions restart there
+        (positions count raw samples within an epoch). Reads ints or 0-d tensors.
+        """
         step = int(batch["step"])
+        epoch = int(batch.get("epoch", self.epoch))
+        if epoch != self.epoch:
+            if epoch != self.epoch + 1 or step != 0:
+                raise DataError(f"LoaderState: at epoch {self.epoch} step {self.step}, got a batch of epoch "
+                                f"{epoch} step {step} (a batch was skipped or replayed)")
+            self.epoch, self.step, self.positions = epoch, 0, [0] * len(self.positions)
         if step != self.step:
             raise DataError(f"LoaderState: expected batch step {self.step}, got {step} (a batch was "
                             f"skipped or replayed)")
         self.step = step + 1
         self.positions[int(batch["worker_id"])] = int(batch["worker_pos"])
+
+    def copy(self) -> "LoaderState":
+        return LoaderState(self.epoch, self.step, list(self.positions))
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "positions": list(self.positions)}
@@ -319,47 +356,92 @@ def _consecutive_bad_error(where: str, recent: Sequence[tuple[RawSample, str]], 
         f"('sample_id', 'captions') and/or KEY.txt")
 
 
-class _EpochBatches(IterableDataset):
-    """Yields whole batches; one instance per DataLoader worker (or the main process)."""
+def _empty(shape: Sequence[int], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised CPU tensor; `shared`: its storage allocated in shared memory.
 
-    def __init__(self, *, source: ShardSource, plan: EpochPlan, rank: int, tokenizer: Any,
-                 max_length: int, transform: ImageTransform, seed: int, epoch: int, caption_seed: int,
-                 start_step: int, positions: list[int] | None, shuffle_buffer: int,
-                 max_consecutive_bad: int):
+    A worker's batch crosses to the main process by handle when its storage is already
+    shared; otherwise the pickler copies it into shared memory first (a second full copy).
+    Allocating shared storage directly is what torch's default_collate does in workers
+    (share_memory_() on a fresh tensor would copy too).
+    """
+    if not shared:
+        return torch.empty(tuple(shape), dtype=dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, tuple(shape))
+
+
+def _filled(values: torch.Tensor, dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """`values` as `dtype`, in shared memory when `shared` (one copy, inside the worker)."""
+    if not shared:
+        return values.to(dtype)
+    return _empty(values.shape, dtype, True).copy_(values)
+
+
+class _ReaderBatches(IterableDataset):
+    """Whole batches of one rank: epochs `epoch`, `epoch + 1`, ... (`epochs` of them, None:
+    endless), from batch `start_step` of the first epoch on; one instance per DataLoader
+    worker (or the main process). Worker j streams reader (start_step + j) % K in every epoch.
+
+    legacy: the pipeline before uint8 hand-over (images normalised to float32 per image in
+    the worker, plain torch.stack, metadata as 0-d int64 tensors, no "epoch" key); kept only
+    as the baseline of `moco-mm bench-loader`.
+    """
+
+    def __init__(self, *, source: ShardSource, rank: int, world_size: int, workers: int, batch_size: int,
+                 tokenizer: Any, max_length: int, transform: ImageTransform, seed: int, caption_seed: int,
+                 epoch: int, start_step: int, positions: list[int] | None, epochs: int | None,
+                 shuffle_buffer: int, max_consecutive_bad: int, legacy: bool = False):
         super().__init__()
         self.source = source
-        self.plan = plan
         self.rank = rank
+        self.world_size = world_size
+        self.workers = max(workers, 1)
+        self.batch_size = batch_size
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.transform = transform
         self.seed = seed
-        self.epoch = epoch
         self.caption_seed = caption_seed
+        self.epoch = epoch
         self.start_step = start_step
         self.positions = positions
+        self.epochs = epochs
         self.shuffle_buffer = shuffle_buffer
         self.max_consecutive_bad = max_consecutive_bad
+        self.legacy = legacy
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         # DataLoader worker j serves reader (start_step + j) % K, so that its first batch is
         # batch `start_step` and the in-order round robin reproduces the original sequence.
-        reader = (self.start_step + physical) % self.plan.workers
-        return self._reader_batches(reader)
+        # Every reader yields the same number of batches per epoch, so the same mapping
+        # stays right in every later epoch.
+        reader = (self.start_step + physical) % self.workers
+        return self._epochs(reader)
 
-    def _reader_batches(self, reader: int) -> Iterator[dict]:
-        plan, bsz = self.plan, self.plan.batch_size
+    def _epochs(self, reader: int) -> Iterator[dict]:
+        epochs = (itertools.count(self.epoch) if self.epochs is None
+                  else range(self.epoch, self.epoch + self.epochs))
+        start_step, positions = self.start_step, self.positions
+        for epoch in epochs:
+            plan = plan_epoch(self.source, seed=self.seed, epoch=epoch, batch_size=self.batch_size,
+                              world_size=self.world_size, workers=self.workers)
+            yield from self._reader_batches(plan, epoch, reader, start_step, positions)
+            start_step, positions = 0, None  # later epochs: every reader from raw position 0
+
+    def _reader_batches(self, plan: EpochPlan, epoch: int, reader: int, start_step: int,
+                        positions: list[int] | None) -> Iterator[dict]:
+        bsz = plan.batch_size
         slot = self.rank * plan.workers + reader
         where = f"rank {self.rank} reader {reader}"
-        done = _batches_done(self.start_step, reader, plan.workers)
+        done = _batches_done(start_step, reader, plan.workers)
         remaining = plan.batches_per_worker - done
         if remaining <= 0:
             return
-        pos = self.positions[reader] if self.positions is not None else done * bsz
+        pos = positions[reader] if positions is not None else done * bsz
         shards = plan.shards_of(self.rank, reader)
-        rng = random.Random(_mix(self.seed, self.epoch, slot, _TAG_SAMPLES))
+        rng = random.Random(_mix(self.seed, epoch, slot, _TAG_SAMPLES))
         stream = _reader_stream([self.source.urls[i] for i in shards],
                                 [self.source.require_counts()[i] for i in shards],
                                 rng, self.shuffle_buffer, where)
@@ -380,9 +462,8 @@ class _EpochBatches(IterableDataset):
                     pos += 1
                     try:
                         dec = decode_sample(raw)
-                        gen = torch.Generator().manual_seed(
-                            _mix(self.seed, self.epoch, slot, pos, _TAG_AUGMENT) >> 1)
-                        images.append(self.transform(dec.image, gen))
+                        gen = torch.Generator().manual_seed(_mix(self.seed, epoch, slot, pos, _TAG_AUGMENT) >> 1)
+                        image = self.transform(dec.image, gen)
                     except _BadSample as e:
                         skipped += 1
                         consecutive += 1
@@ -392,34 +473,53 @@ class _EpochBatches(IterableDataset):
                             raise _consecutive_bad_error(where, recent, self.max_consecutive_bad) from None
                         continue
                     consecutive = 0
+                    images.append(self.transform.normalize(image) if self.legacy else image)
                     ids.append(dec.sample_id)
                     caption = choose_caption(dec.captions, caption_seed=self.caption_seed,
-                                             epoch=self.epoch, sample_id=dec.sample_id)
+                                             epoch=epoch, sample_id=dec.sample_id)
                     captions.append(caption)
                     fingerprints.append((text_fingerprint(caption), dec.image_fp, dec.group_fp))
-                yield self._collate(images, captions, ids, fingerprints, skipped, reader, pos,
-                                    reader + (done + k) * plan.workers)
+                step = reader + (done + k) * plan.workers
+                yield self._collate(images, captions, ids, fingerprints, skipped, reader, pos, epoch, step)
         finally:
             stream.close()
 
     def _collate(self, images: list[torch.Tensor], captions: list[str], ids: list[int],
-                 fingerprints: list[tuple[int, int, int]], skipped: int, reader: int, pos: int, step: int) -> dict:
+                 fingerprints: list[tuple[int, int, int]], skipped: int, reader: int, pos: int, epoch: int,
+                 step: int) -> dict:
         tok = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
-        input_ids = tok["input_ids"].to(torch.int64)
-        if input_ids.shape != (len(captions), self.max_length):
-            raise DataError(f"tokenizer returned input_ids of shape {tuple(input_ids.shape)}, expected "
-                            f"({len(captions)}, {self.max_length}); it must pad to max_length")
+        b = len(captions)
+        if tuple(tok["input_ids"].shape) != (b, self.max_length):
+            raise DataError(f"tokenizer returned input_ids of shape {tuple(tok['input_ids'].shape)}, expected "
+                            f"({b}, {self.max_length}); it must pad to max_length")
+        sample_id = torch.tensor(ids, dtype=torch.int64)
+        fps = torch.tensor(fingerprints, dtype=torch.int64).view(b, 3)
+        if self.legacy:
+            return {
+                "image": torch.stack(images), "input_ids": tok["input_ids"].to(torch.int64),
+                "attention_mask": tok["attention_mask"].to(torch.int64), "sample_id": sample_id,
+                "fingerprints": fps, "n_skipped": torch.tensor(skipped, dtype=torch.int64),
+                "worker_id": torch.tensor(reader, dtype=torch.int64),
+                "worker_pos": torch.tensor(pos, dtype=torch.int64), "step": torch.tensor(step, dtype=torch.int64),
+            }
+        # In a worker every tensor is built in shared memory, so the hand-over to the main
+        # process passes handles and copies nothing; the images are stacked straight into it.
+        shared = get_worker_info() is not None
+        image = torch.stack(images, out=_empty((b, *images[0].shape), images[0].dtype, shared))
         return {
-            "image": torch.stack(images),
-            "input_ids": input_ids,
-            "attention_mask": tok["attention_mask"].to(torch.int64),
-            "sample_id": torch.tensor(ids, dtype=torch.int64),
-            "fingerprints": torch.tensor(fingerprints, dtype=torch.int64).view(len(ids), 3),
-            "n_skipped": torch.tensor(skipped, dtype=torch.int64),
-            "worker_id": torch.tensor(reader, dtype=torch.int64),
-            "worker_pos": torch.tensor(pos, dtype=torch.int64),
-            "step": torch.tensor(step, dtype=torch.int64),
+            "image": image,
+            "input_ids": _filled(tok["input_ids"], torch.int64, shared),
+            "attention_mask": _filled(tok["attention_mask"], torch.int64, shared),
+            "sample_id": _filled(sample_id, torch.int64, shared),
+            "fingerprints": _filled(fps, torch.int64, shared),
+            # Plain ints: the DataLoader (batch_size=None) and pin_memory pass them through
+            # unchanged, and the trainer reads them without a tensor -> host sync.
+            "n_skipped": skipped,
+            "worker_id": reader,
+            "worker_pos": pos,
+            "epoch": epoch,
+            "step": step,
         }
 
 
@@ -428,6 +528,32 @@ def _init_worker(worker_id: int) -> None:
     # one torch thread per worker keeps W workers from oversubscribing the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     torch.set_num_threads(1)
+
+
+def _data_loader(dataset: _ReaderBatches, *, workers: int, pin_memory: bool, prefetch_factor: int, seed: int,
+                 epoch: int, rank: int, persistent: bool) -> DataLoader:
+    if workers > 0:
+        # Set before the fork too: the tokenizers library warns in children of a parent
+        # that has used its thread pool.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DataLoader draws its workers' base seed from the global torch RNG unless given a
+    # generator; that draw would shift the trainer's RNG (dropout) when a resumed run
+    # creates its loader at another step than the uninterrupted run did.
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=_init_worker if workers > 0 else None,
+                      prefetch_factor=prefetch_factor if workers > 0 else None,
+                      persistent_workers=persistent and workers > 0,
+                      generator=torch.Generator().manual_seed(_mix(seed, epoch, rank)))
+
+
+def _check_args(rank: int, world_size: int, max_length: int, max_consecutive_bad: int, shuffle_buffer: int,
+                workers: int, prefetch_factor: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if max_length <= 0 or max_consecutive_bad <= 0 or shuffle_buffer < 0:
+        raise ValueError("max_length and max_consecutive_bad must be > 0, shuffle_buffer >= 0")
+    if workers > 0 and prefetch_factor <= 0:
+        raise ValueError(f"prefetch_factor must be > 0, got {prefetch_factor}")
 
 
 class EpochLoader:
@@ -459,45 +585,142 @@ class EpochLoader:
                 shutdown()
 
 
+def _epoch_loader(source: ShardSource, *, batch_size: int, tokenizer: Any, max_length: int,
+                  transform: ImageTransform, seed: int, epoch: int, rank: int, world_size: int, workers: int,
+                  start_step: int, positions: Sequence[int] | None, shuffle_buffer: int, max_consecutive_bad: int,
+                  caption_seed: int | None, pin_memory: bool, prefetch_factor: int, legacy: bool) -> EpochLoader:
+    _check_args(rank, world_size, max_length, max_consecutive_bad, shuffle_buffer, workers, prefetch_factor)
+    plan = plan_epoch(source, seed=seed, epoch=epoch, batch_size=batch_size, world_size=world_size,
+                      workers=workers)
+    if not 0 <= start_step <= plan.steps:
+        raise ValueError(f"start_step {start_step} is outside this epoch's {plan.steps} steps")
+    pos_list = _check_positions(positions, start_step, plan) if positions is not None else None
+    dataset = _ReaderBatches(
+        source=source, rank=rank, world_size=world_size, workers=workers, batch_size=batch_size,
+        tokenizer=tokenizer, max_length=max_length, transform=transform, seed=seed,
+        caption_seed=seed if caption_seed is None else caption_seed, epoch=epoch, start_step=start_step,
+        positions=pos_list, epochs=1, shuffle_buffer=shuffle_buffer, max_consecutive_bad=max_consecutive_bad,
+        legacy=legacy)
+    loader = _data_loader(dataset, workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                          seed=seed, epoch=epoch, rank=rank, persistent=False)
+    return EpochLoader(loader, plan, start_step)
+
+
 def make_loader(source: ShardSource, *, batch_size: int, tokenizer: Any, max_length: int,
                 transform: ImageTransform, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                 workers: int = 0, start_step: int = 0, positions: Sequence[int] | None = None,
                 shuffle_buffer: int = 1000, max_consecutive_bad: int = 1000,
                 caption_seed: int | None = None, pin_memory: bool = False,
                 prefetch_factor: int = 2) -> EpochLoader:
-    """The batches of `epoch` for this rank, starting at batch `start_step`.
+    """The batches of `epoch` for this rank, starting at batch `start_step`, through a
+    DataLoader (and worker processes) of its own: for one epoch. A training run uses
+    make_stream, whose sequence is the concatenation of these epochs.
 
+    Batches as in the module docstring (uint8 images, int metadata).
     positions: the `LoaderState.positions` saved with `start_step` (one per reader); None
     derives them as batches * batch_size, exact only if no sample was corrupt.
     caption_seed: seed of the per-epoch caption choice (default: `seed`).
     Every rank gets `steps_per_epoch(...)` batches of exactly `batch_size` samples.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    if max_length <= 0 or max_consecutive_bad <= 0 or shuffle_buffer < 0:
-        raise ValueError("max_length and max_consecutive_bad must be > 0, shuffle_buffer >= 0")
-    plan = plan_epoch(source, seed=seed, epoch=epoch, batch_size=batch_size, world_size=world_size,
+    return _epoch_loader(source, batch_size=batch_size, tokenizer=tokenizer, max_length=max_length,
+                         transform=transform, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                         workers=workers, start_step=start_step, positions=positions,
+                         shuffle_buffer=shuffle_buffer, max_consecutive_bad=max_consecutive_bad,
+                         caption_seed=caption_seed, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                         legacy=False)
+
+
+def make_legacy_loader(source: ShardSource, *, batch_size: int, tokenizer: Any, max_length: int,
+                       transform: ImageTransform, seed: int, epoch: int, workers: int = 0,
+                       shuffle_buffer: int = 1000) -> EpochLoader:
+    """One epoch through the pipeline as it was before uint8 hand-over: float32 images
+    normalised per image in the worker, batches stacked in private memory (copied into
+    shared memory again when they cross to the main process), metadata as 0-d tensors, a
+    DataLoader per epoch. Same samples and values (images normalised). Only the baseline of
+    `moco-mm bench-loader`; not part of the package API."""
+    return _epoch_loader(source, batch_size=batch_size, tokenizer=tokenizer, max_length=max_length,
+                         transform=transform, seed=seed, epoch=epoch, rank=0, world_size=1, workers=workers,
+                         start_step=0, positions=None, shuffle_buffer=shuffle_buffer, max_consecutive_bad=1000,
+                         caption_seed=None, pin_memory=False, prefetch_factor=2, legacy=True)
+
+
+class BatchStream:
+    """make_stream's endless training batches (layout and order: see the module docstring).
+
+    Iterating yields the batches from `start` (the LoaderState make_stream was given) on,
+    epoch after epoch, without end, through ONE DataLoader: its worker processes start at
+    the first iteration and stay until close(). Iterating again (persistent workers)
+    restarts the same sequence at `start` without new processes; to continue elsewhere
+    (after restoring a checkpoint), close this stream and make a new one.
+    steps_per_epoch: batches per epoch, the same for every epoch.
+    """
+
+    def __init__(self, loader: DataLoader, steps_per_epoch: int, start: LoaderState):
+        self.loader = loader
+        self.steps_per_epoch = steps_per_epoch
+        self.start = start
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the worker processes now (left to the garbage collector they linger)."""
+        it = getattr(self.loader, "_iterator", None)  # the persistent workers' iterator
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        self.loader._iterator = None  # a later iteration starts fresh workers
+
+    def __enter__(self) -> "BatchStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_stream(source: ShardSource, *, batch_size: int, tokenizer: Any, max_length: int,
+                transform: ImageTransform, seed: int, state: LoaderState, rank: int = 0, world_size: int = 1,
+                workers: int = 0, shuffle_buffer: int = 1000, max_consecutive_bad: int = 1000,
+                caption_seed: int | None = None, pin_memory: bool = False,
+                prefetch_factor: int = 2) -> BatchStream:
+    """This rank's training batches for the whole run: epoch `state.epoch` from batch
+    `state.step` on (readers at `state.positions`, exact across corrupt samples), then
+    every later epoch from its start, endlessly, through one DataLoader whose `workers`
+    processes start once (persistent). Bit-identical to the concatenation of
+    make_loader(epoch=e, start_step=state.step, positions=state.positions),
+    make_loader(epoch=e + 1), ...
+
+    Batches as in the module docstring: uint8 images (normalise with transform.normalize on
+    the device), int metadata with "epoch" and "step". `state` is copied, not updated: the
+    caller keeps its own LoaderState current with state.update(batch).
+    pin_memory: page-locked batches for non_blocking host-to-device copies (pin_memory_for).
+    prefetch_factor: batches each worker prepares ahead (workers > 0).
+    """
+    _check_args(rank, world_size, max_length, max_consecutive_bad, shuffle_buffer, workers, prefetch_factor)
+    plan = plan_epoch(source, seed=seed, epoch=state.epoch, batch_size=batch_size, world_size=world_size,
                       workers=workers)
-    if not 0 <= start_step <= plan.steps:
-        raise ValueError(f"start_step {start_step} is outside this epoch's {plan.steps} steps")
-    pos_list = _check_positions(positions, start_step, plan) if positions is not None else None
-    dataset = _EpochBatches(
-        source=source, plan=plan, rank=rank, tokenizer=tokenizer, max_length=max_length,
-        transform=transform, seed=seed, epoch=epoch,
-        caption_seed=seed if caption_seed is None else caption_seed, start_step=start_step,
-        positions=pos_list, shuffle_buffer=shuffle_buffer, max_consecutive_bad=max_consecutive_bad)
-    if workers > 0:
-        # Set before the fork too: the tokenizers library warns in children of a parent
-        # that has used its thread pool.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # DataLoader draws its workers' base seed from the global torch RNG unless given a
-    # generator; that draw would shift the trainer's RNG (dropout) when a resumed run
-    # creates its loader at another step than the uninterrupted run did.
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        worker_init_fn=_init_worker if workers > 0 else None,
-                        prefetch_factor=prefetch_factor if workers > 0 else None,
-                        generator=torch.Generator().manual_seed(_mix(seed, epoch, rank)))
-    return EpochLoader(loader, plan, start_step)
+    if not 0 <= state.step <= plan.steps:
+        raise ValueError(f"state.step {state.step} is outside epoch {state.epoch}'s {plan.steps} steps")
+    positions = _check_positions(state.positions, state.step, plan)
+    dataset = _ReaderBatches(
+        source=source, rank=rank, world_size=world_size, workers=workers, batch_size=batch_size,
+        tokenizer=tokenizer, max_length=max_length, transform=transform, seed=seed,
+        caption_seed=seed if caption_seed is None else caption_seed, epoch=state.epoch, start_step=state.step,
+        positions=positions, epochs=None, shuffle_buffer=shuffle_buffer, max_consecutive_bad=max_consecutive_bad)
+    loader = _data_loader(dataset, workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                          seed=seed, epoch=state.epoch, rank=rank, persistent=True)
+    return BatchStream(loader, plan.steps, state.copy())
+
+
+def pin_memory_for(setting: bool | str, device: torch.device | str) -> bool:
+    """data.pin_memory -> the DataLoader's pin_memory. True/False as given; "auto": pin when
+    batches go to a CUDA device (page-locked memory lets `.to(device, non_blocking=True)`
+    overlap the copy with compute; for a CPU run it would only cost a copy)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    raise ValueError(f"pin_memory: true, false or 'auto', got {setting!r}")
 
 
 def _check_positions(positions: Sequence[int], start_step: int, plan: EpochPlan) -> list[int]:
@@ -526,9 +749,12 @@ def iter_eval_batches(source: ShardSource, *, batch_size: int, transform: ImageT
 
     Raw sample k (global order, counting corrupt ones) belongs to rank k % world_size;
     `max_samples` keeps the first max_samples raw samples. Batches hold up to batch_size:
-        image [b,3,H,W] float32, sample_id [b] int64, captions list[list[str]] (all of them),
-        n_skipped int64 [], and with a tokenizer, every caption flattened in order:
+        image [b,3,H,W] uint8 (the eval transform's pixels, NOT normalised: the consumer calls
+              transform.normalize(image on its device) -> float32), sample_id [b] int64,
+        captions list[list[str]] (all of them), n_skipped int64 [], and with a tokenizer,
+        every caption flattened in order:
         input_ids [c,L] int64, attention_mask [c,L] int64, caption_sample_id [c] int64.
+    `image` is torch.stack of whatever `transform` returns (an ImageTransform: uint8).
     """
     if tokenizer is not None and not max_length:
         raise ValueError("iter_eval_batches: a tokenizer needs max_length")

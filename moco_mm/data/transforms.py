@@ -1,5 +1,11 @@
-"""Image transforms: RGB PIL image -> normalised float32 tensor, random draws from a
-caller's generator (never torch's global RNG), so the stream stays a pure function of its seed."""
+"""Image transforms: RGB PIL image -> uint8 tensor (crop, resize, flip), random draws from a
+caller's generator (never torch's global RNG), so the stream stays a pure function of its seed;
+`ImageTransform.normalize` turns a uint8 batch into the normalised float32 the towers take.
+
+The split is for throughput: loader workers hand over uint8 (a quarter of float32's bytes
+through shared memory, pinned memory and the host-to-device copy) and the consumer normalises
+on its device. On the CPU the two steps give bit-identical values to normalising each image
+in the worker (same torchvision functions, elementwise, so batching changes nothing)."""
 
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ __all__ = ["ImageTransform", "build_transforms"]
 
 
 class ImageTransform:
-    """RGB PIL image -> float32 tensor [3, image_size, image_size], normalised by (mean, std).
+    """RGB PIL image -> uint8 tensor [3, image_size, image_size] (the pixels, not normalised);
+    `normalize(batch)` then maps uint8 [B, 3, S, S] -> float32 [B, 3, S, S] with (mean, std).
 
     train: random resized crop (area fraction in [crop_scale_min, 1], aspect in [3/4, 4/3])
     and, if `hflip`, a horizontal flip with p=0.5; the draws come from the `generator`
@@ -52,9 +59,24 @@ class ImageTransform:
                 x = F.horizontal_flip(x)
         else:
             x = self._eval(x)
-        x = F.to_dtype(x, torch.float32, scale=True)
-        x = F.normalize(x, self.mean, self.std)
+        # A plain uint8 tensor: the center crop is a view of the resized image, and
+        # torch.stack(..., out=) copies it into the batch either way.
         return x.as_subclass(torch.Tensor)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] (or [3, H, W]) on any device -> float32 of the same shape and
+        device: x / 255, then (x - mean) / std per channel. A new tensor; `images` is left as is.
+
+        Exactly the float path the loader workers ran before they handed over uint8:
+        torchvision's to_dtype(scale=True) then normalize, elementwise, so on the CPU the
+        result is bit-identical to normalising each image on its own.
+        """
+        if images.dtype != torch.uint8:
+            raise TypeError(f"normalize expects uint8 images (the loader's output), got {images.dtype}")
+        if images.ndim < 3 or images.shape[-3] != 3:
+            raise ValueError(f"normalize expects [B, 3, H, W] or [3, H, W], got {tuple(images.shape)}")
+        x = F.to_dtype(images.as_subclass(torch.Tensor), torch.float32, scale=True)
+        return F.normalize(x, self.mean, self.std)
 
     def _crop_box(self, height: int, width: int, g: torch.Generator) -> tuple[int, int, int, int]:
         """(top, left, h, w) of a box covering a random area fraction and aspect ratio."""
@@ -83,5 +105,6 @@ class ImageTransform:
 
 def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool,
                      crop_scale_min: float = 0.5, hflip: bool = False) -> ImageTransform:
-    """The image transform; mean/std are the image tower's (e.g. timm's pretrained_cfg)."""
+    """The image transform (PIL -> uint8 [3, S, S]; `.normalize` for the float batch); mean/std
+    are the image tower's (e.g. timm's pretrained_cfg)."""
     return ImageTransform(image_size, mean, std, train=train, crop_scale_min=crop_scale_min, hflip=hflip)

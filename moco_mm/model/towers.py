@@ -101,9 +101,32 @@ class ImageTower(nn.Module):
         self.mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
         self.image_size = cfg.image_size
+        self.channels_last = False
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: uint8 [B,3,H,W] (normalised here, on the device) or float32 already
+        normalised -> [B, embed_dim] unit rows."""
+        if image.dtype == torch.uint8:
+            image = self.normalize(image)
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
         return F.normalize(self.head(self.backbone(image)), dim=-1)
+
+    def use_channels_last(self) -> None:
+        """Keep convolution weights and inputs channels-last (NHWC): what cuDNN's tensor-core
+        convolutions run natively; NCHW would be transposed around every one of them."""
+        self.backbone.to(memory_format=torch.channels_last)
+        self.channels_last = True
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,H,W] -> float32 scaled to [0, 1] and normalised by the tower's mean and
+        std, with torchvision's own functions: bit-identical to normalising in the loader.
+        Images cross the loader, the host-to-device copy and Shuffle-BN's exchange as uint8
+        (a quarter of float32's bytes) and become floats here."""
+        from torchvision.transforms.v2 import functional as TF
+
+        x = TF.to_dtype(image, torch.float32, scale=True)
+        return TF.normalize(x, list(self.mean), list(self.std))
 
 
 def build_timm_backbone(cfg: ImageTowerConfig) -> nn.Module:
@@ -165,17 +188,35 @@ class TextTower(nn.Module):
         super().__init__()
         self.backbone = build_hf_backbone(cfg, vocab_size)
         self.pooling = cfg.pooling
+        self._ready_mask = _takes_ready_sdpa_mask(self.backbone)
         self.head = Projection(self.backbone.config.hidden_size, embed_dim, head, head_hidden_dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # The mask always goes in: attending to padding changes the embedding with length.
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask
+        if self._ready_mask:
+            # A ready [B, 1, 1, L] boolean mask is used as it is. Given the 2-D mask,
+            # transformers checks on the host whether any token is padded (`mask.all()`) to
+            # drop it: a device sync on every forward. Same numbers (tests/test_model.py).
+            mask = attention_mask[:, None, None, :].bool()
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:  # mean over real tokens only
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         return F.normalize(self.head(pooled), dim=-1)
+
+
+def _takes_ready_sdpa_mask(model: nn.Module) -> bool:
+    """Does this backbone take a prepared 4-D boolean mask as it is? transformers 5's
+    attention-mask utilities do (4.x's BERT rejects a 4-D mask); only the SDPA attention
+    reads a boolean mask (eager attention adds the mask to its scores)."""
+    try:
+        import transformers.masking_utils  # noqa: F401 (transformers >= 5)
+    except ImportError:
+        return False
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
 
 
 def _is_local(name: str) -> bool:

@@ -63,6 +63,9 @@ class Encoder:
     encode_images(images)  -> float32 [N, D], unit rows (N = len(images))
     encode_texts(texts)    -> float32 [M, D], unit rows
     image_features / text_features take preprocessed tensors and return torch [N, D].
+    Images are preprocessed in two steps, as in training: `pixels` (the eval transform ->
+    uint8 [N,3,S,S]) and `normalize` (uint8 -> float32 on the encoder's device);
+    `preprocess` does both and returns float32 on the CPU.
     """
 
     def __init__(self, spec: ExportSpec, image_tower: ImageTower, text_tower: TextTower, tokenizer: Any,
@@ -118,10 +121,21 @@ class Encoder:
         """input_ids, attention_mask int64 [N,L] -> float32 [N,D] unit rows."""
         return self.text_tower(input_ids.to(self.device), attention_mask.to(self.device)).float().cpu()
 
-    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Paths or PIL images -> float32 [N,3,S,S], exactly the eval transform of training."""
+    def pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Paths or PIL images -> uint8 [N,3,S,S] on the CPU: the eval transform of training
+        (resize, center crop), not yet normalised."""
         pil = [load_image(x) if not isinstance(x, Image.Image) else to_rgb(x) for x in images]
         return torch.stack([self.transform(p) for p in pil])
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,3,S,S] (from `pixels` or iter_eval_batches) -> float32 [N,3,S,S] on the
+        encoder's device, normalised with the export's mean/std (the uint8 crosses, not float)."""
+        return self.transform.normalize(pixels.to(self.device))
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Paths or PIL images -> float32 [N,3,S,S] on the CPU, exactly the eval transform of
+        training followed by its normalisation."""
+        return self.transform.normalize(self.pixels(images))
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> input_ids, attention_mask int64 [N, max_length]: padded to max_length as in
@@ -136,7 +150,7 @@ class Encoder:
 
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Paths or PIL images -> float32 [N, D], L2-normalised rows, in input order."""
-        out = [self.image_features(self.preprocess(images[i:i + batch_size]))
+        out = [self.image_features(self.normalize(self.pixels(images[i:i + batch_size])))
                for i in _batches(len(images), batch_size, progress, "images")]
         return _stack(out, self.embed_dim)
 

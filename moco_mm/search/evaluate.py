@@ -38,7 +38,7 @@ def evaluate_retrieval(encoder: Encoder, data: str | os.PathLike, *, max_samples
                                    tokenizer=encoder.tokenizer, max_length=encoder.max_length,
                                    max_samples=max_samples):
         offset = sum(len(x) for x in images)
-        images.append(encoder.image_features(batch["image"]))
+        images.append(encoder.image_features(encoder.normalize(batch["image"])))  # uint8 -> float32
         texts.append(encoder.text_features(batch["input_ids"], batch["attention_mask"]))
         # Owners by position, not by sample_id: ids need not be unique across shard sets.
         owner.extend(offset + i for i, caps in enumerate(batch["captions"]) for _ in caps)

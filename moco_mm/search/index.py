@@ -210,8 +210,8 @@ def build_index(encoder: Encoder, data: str | os.PathLike, out: str | os.PathLik
     pending: list[tuple[Item, Image.Image]] = []
 
     def flush() -> None:
-        pixels = torch.stack([encoder.transform(img) for _, img in pending])
-        chunks.append(encoder.image_features(pixels).numpy())
+        pixels = torch.stack([encoder.transform(img) for _, img in pending])  # uint8 [n,3,S,S]
+        chunks.append(encoder.image_features(encoder.normalize(pixels)).numpy())
         metas.extend({"id": it.id, "source": it.source, "captions": it.captions} for it, _ in pending)
         if bar is not None:
             bar.update(len(pending))
