@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("moco_mm.bench.step:main", "our step against OpenCLIP and the MoCo/ALBEF style (ratios)"),
     "bench-loader": ("moco_mm.bench.loader:main", "loader samples/s by worker count"),
     "compare-objectives": ("moco_mm.bench.compare:main", "every objective, queue/distillation/dedup on and off, CLIP"),
+    "gpu-check": ("moco_mm.bench.gpu_check:main", "first run on a GPU: memory vs planner, speed vs OpenCLIP, resume"),
 }
 
 

@@ -59,6 +59,12 @@ class RunConfig:
     log_every: int = opt(10, "steps between metrics.jsonl lines")
     # A hung peer ends the run with an error instead of idling the cluster.
     process_group_timeout_s: int = opt(1800, "bound of every collective wait (eval, checkpoint barriers), seconds")
+    deterministic: bool = opt(False, "bit-reproducible CUDA kernels (slower): use_deterministic_algorithms, "
+                                     "CUBLAS_WORKSPACE_CONFIG")
+    tf32: bool = opt(True, "TF32 for float32 matmuls and convolutions on Ampere and newer GPUs")
+    channels_last: Literal["auto", "on", "off"] = opt("auto", "channels-last memory for convolutional image "
+                                                              "towers; auto: on CUDA")
+    ddp_bucket_mb: int = opt(25, "DDP gradient bucket size in MiB")
 
 
 @dataclass
@@ -130,6 +136,10 @@ class DataConfig:
     # Instead of hanging when nothing matches (e.g. unexpected member names).
     max_consecutive_bad: int = opt(1000, "consecutive samples that yield nothing before the loader stops "
                                          "with an error naming the shard")
+    # Workers hand over uint8 batches in shared memory; the trainer normalises on the device.
+    prefetch_factor: int = opt(2, "batches each DataLoader worker prepares ahead (with data.workers > 0)")
+    pin_memory: Union[bool, Literal["auto"]] = opt("auto", "page-locked batches for asynchronous host-to-device "
+                                                           "copies: true | false | auto (on when training on CUDA)")
 
 
 @dataclass
@@ -186,9 +196,11 @@ class Config:
         _positive("run.steps", self.run.steps)
         _positive("run.log_every", self.run.log_every)
         _positive("run.process_group_timeout_s", self.run.process_group_timeout_s)
+        _positive("run.ddp_bucket_mb", self.run.ddp_bucket_mb)
         _positive("data.batch_size", self.data.batch_size)
         _non_negative("data.workers", self.data.workers)
         _positive("data.max_consecutive_bad", self.data.max_consecutive_bad)
+        _positive("data.prefetch_factor", self.data.prefetch_factor)
         if not 0.0 < self.data.crop_scale_min <= 1.0:
             raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {self.data.crop_scale_min}")
         _positive("optim.lr", self.optim.lr)
@@ -302,11 +314,17 @@ def _non_negative(key: str, v: float) -> None:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading floats as YAML 1.2 and people do: YAML 1.1 (PyYAML's
-    rule) needs a dot and a signed exponent, so `2e-3` and `1.0e5` would be strings."""
+    """PyYAML's safe loader, reading scalars as YAML 1.2 and people do: YAML 1.1 (PyYAML's
+    rule) needs a dot and a signed exponent in a float, so `2e-3` and `1.0e5` would be
+    strings, and it reads `on`/`off`/`yes`/`no` as booleans, so `run.channels_last=on`
+    would not be the string `on`. Here only true/false are booleans."""
 
 
-_YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),

@@ -126,6 +126,18 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+    """Exchange rows: the first send[0] rows of `x` go to rank 0, the next send[1] to rank 1,
+    ...; returns the rows received, rank 0's first ([sum(recv), ...], x's dtype). The split
+    sizes are host lists every rank agrees on (no host sync). Identity for one process."""
+    if not is_dist():
+        return x
+    out = torch.empty((sum(recv), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send)
+    return out
+
+
 def all_gather_cat_with_grad(x: torch.Tensor) -> torch.Tensor:
     """`all_gather_cat` through which gradients flow back to their owner rank.
 

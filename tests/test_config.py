@@ -107,3 +107,17 @@ def test_a_queue_that_a_step_overwrites_whole_is_warned_about():
     small = tiny_config(batch=8, queue=16)  # 2 ranks x 8 = 16 keys per step
     p = plan.plan(small, "a100-40gb", world_size=2, vocab_size=120)
     assert any("queue.size (16)" in n for n in p.notes) and "note: queue.size (16)" in p.table()
+
+
+def test_only_true_and_false_are_booleans(tmp_path):
+    """YAML 1.1 would read on/off/yes/no as booleans: `run.channels_last=on` would be
+    rejected and a caption-like string would change type."""
+    assert [parse_yaml(x) for x in ("on", "off", "yes", "no", "true", "False")] == ["on", "off", "yes", "no", True,
+                                                                                   False]
+    assert load_config(None, ["run.channels_last=on"]).run.channels_last == "on"
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  channels_last: off\n  compile: true\n")
+    cfg = load_config(path)
+    assert cfg.run.channels_last == "off" and cfg.run.compile is True
+    with pytest.raises(ConfigError, match="run.compile: expected bool"):
+        load_config(None, ["run.compile=yes"])

@@ -124,3 +124,46 @@ def test_ranks_draw_their_own_dropout_masks_with_identical_weights(tmp_path):
     assert res["weights_equal"], "ranks built different weights"
     assert not res["train_outputs_equal"], "every rank drew the same dropout masks"
     assert res["eval_outputs_equal"]  # no dropout in eval mode: the difference is the masks
+
+
+@pytest.mark.parametrize("batch", [3, 4])
+def test_shuffle_bn_exchange_matches_a_single_process_reproduction(tmp_path, batch):
+    """Every rank's BatchNorm batch holds rows from every rank (B of them, B % W != 0
+    included), the keys come back to their own rows: reproduced by hand here."""
+    from moco_mm.model.dual_queue import _hash64, shuffle_splits
+    from tests.tiny import tiny_bn_model_config
+
+    out = tmp_path / "keys.safetensors"
+    torchrun(ROOT / "tests/scripts/shuffle_bn_keys.py", "--out", str(out), "--batch", str(batch))
+    got = load_file(out)["keys"]
+    torch.manual_seed(0)
+    model = DualQueueMoCo(tiny_bn_model_config(), QueueConfig(size=8))
+    w, b = 2, batch
+    gb = tiny_batch(b * w, seed=5, first_id=1000)
+    images, ids = gb["image"].view(w, b, *gb["image"].shape[1:]), gb["sample_id"].view(w, b)
+    orders = [torch.argsort(_hash64(ids[r])) for r in range(w)]
+    sends = [shuffle_splits(b, w, r)[0] for r in range(w)]
+    pieces = {}  # (sender, receiver) -> global row indices
+    for r in range(w):
+        start = 0
+        for j in range(w):
+            pieces[r, j] = [r * b + int(i) for i in orders[r][start:start + sends[r][j]]]
+            start += sends[r][j]
+    want = torch.empty(w * b, got.shape[1])
+    with torch.no_grad():
+        for j in range(w):
+            rows = [i for r in range(w) for i in pieces[r, j]]
+            assert len(rows) == b  # every rank normalises a batch of B rows
+            want[rows] = model.key.image(gb["image"][rows]).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert images.shape[0] == w
+
+
+@pytest.mark.parametrize("b,world", [(32, 256), (3, 2), (192, 8), (5, 5), (1, 4)])
+def test_shuffle_splits_send_and_receive_b_rows_on_every_rank(b, world):
+    from moco_mm.model.dual_queue import shuffle_splits
+
+    splits = [shuffle_splits(b, world, r) for r in range(world)]
+    for r, (send, recv) in enumerate(splits):
+        assert sum(send) == b and sum(recv) == b
+        assert all(recv[i] == splits[i][0][r] for i in range(world))  # what i sends r, r receives

@@ -24,7 +24,7 @@ ALLOWED = {
     "train": {"base", "model", "data", "train"},
     "plan": {"base", "model", "plan"},
     "search": {"base", "model", "data", "train", "search"},
-    "bench": {"base", "model", "data", "train", "bench"},
+    "bench": {"base", "model", "data", "train", "plan", "bench"},
     "cli": {"base", "model", "data", "train", "plan", "search", "bench", "cli"},
 }
 

@@ -356,3 +356,20 @@ def test_mean_negative_sim_counts_only_unmasked_negatives():
     keep = q_ids[:, None] != neg_ids[None, :]
     want = torch.stack([sims[i][keep[i]].mean() for i in range(5)]).mean()
     torch.testing.assert_close(mean_negative_sim(q, q_ids, neg, neg_ids), want)
+
+
+def test_text_tower_mask_path_gives_the_library_numbers():
+    """The tower hands transformers a ready [B,1,1,L] mask (no host check for padding);
+    its output equals the library's own 2-D mask path, with and without padding."""
+    cfg = tiny_model_config()
+    torch.manual_seed(3)
+    t = TextTower(cfg.text, 32, vocab_size=120).eval()
+    b = tiny_batch(6, 4)
+    for mask in (b["attention_mask"], torch.ones_like(b["attention_mask"])):
+        with torch.no_grad():
+            got = t(b["input_ids"], mask)
+            hidden = t.backbone(input_ids=b["input_ids"], attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            want = torch.nn.functional.normalize(t.head((hidden * m).sum(1) / m.sum(1).clamp(min=1.0)), dim=-1) \
+                if t.pooling == "mean" else torch.nn.functional.normalize(t.head(hidden[:, 0]), dim=-1)
+        assert torch.equal(got, want)

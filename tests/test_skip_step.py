@@ -41,7 +41,8 @@ def _poisoned(batches, which: int):
     """The trainer's own batches, with NaN pixels in micro-batch `which` of the next step."""
     for i, batch in enumerate(batches):
         if i == which:
-            batch = dict(batch, image=batch["image"].clone())
+            # float images reach the towers as already normalised: one NaN pixel among them
+            batch = dict(batch, image=batch["image"].float())
             batch["image"][0, 0, 0, 0] = float("nan")
         yield batch
 

@@ -207,6 +207,8 @@ def test_two_process_exact_resume_killed_while_writing_a_checkpoint(demo, tmp_pa
 
     run_and_kill(train_cmd(cfg, nproc=2), writing_step_8)
     assert not (ckpts / "step_00000008").exists() or (ckpts / "step_00000008" / "COMPLETE").exists()
+    time.sleep(2)  # were every rank really killed, nothing may have moved since
+    assert not (ckpts / "step_00000016").exists() and not (ckpts / "step_00000024").exists()
     run(train_cmd(cfg, nproc=2))
     assert final_weights(cut_dir, 24) == final_weights(multinode_reference, 24)
 

@@ -73,8 +73,21 @@ def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return res
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (torchrun starts its workers in sessions of their
+    own, so a process-group kill misses them)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        kids = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split()
+        todo += [int(k) for k in kids]
+    return out
+
+
 def run_and_kill(cmd: list[str], ready, timeout: float = 300) -> None:
-    """Start `cmd` in its own process group and SIGKILL the whole group once `ready()`."""
+    """Start `cmd` and SIGKILL it and every process below it once `ready()` (stopped first,
+    so none of them runs on while the others are being killed)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -86,8 +99,11 @@ def run_and_kill(cmd: list[str], ready, timeout: float = 300) -> None:
                 raise AssertionError("kill point never reached")
             time.sleep(0.002)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        tree = process_tree(proc.pid)
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in tree:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
         proc.wait()

@@ -7,7 +7,10 @@ in tests (tests check only that the programs run and report every figure).
     timing.py      interleaved rounds, medians, paired ratios
     loader.py      `moco-mm bench-loader`: loader samples/s by worker count
     compare.py     `moco-mm compare-objectives`: held-out R@k of every objective and variant
+    gpu_check.py   `moco-mm gpu-check`: the first run on a GPU machine (memory against the
+                   planner, samples/s against OpenCLIP, bf16 loss, NCCL gather, exact resume)
 
-Imports: the base modules, `moco_mm.model`, `moco_mm.data`, `moco_mm.train` and itself;
-never plan, search or cli. tests/test_layout.py checks this.
+Imports: the base modules, `moco_mm.model`, `moco_mm.data`, `moco_mm.train`, `moco_mm.plan`
+(gpu_check compares measured memory with the planner's) and itself; never search or cli.
+tests/test_layout.py checks this.
 """

@@ -158,10 +158,11 @@ class DualQueueMoCo(nn.Module):
         self.text_queue = FeatureQueue(size, cfg.embed_dim, queue_cfg.dtype, N_FINGERPRINTS)
         self.objective = OBJECTIVES[cfg.loss]
         self.loss_fn = partial(self.objective.fn, **objective_params(cfg))
-        # Which fingerprint columns of a query may exclude a negative (a column a query
-        # does not use is set to -1 on the query's side: it never matches).
-        self.fingerprint_on = torch.tensor([cfg.mask_duplicates in ("text", "both"),
-                                            cfg.mask_duplicates in ("image", "both"), True])
+        # The meta columns that exclude negatives: the sample id, the fingerprints
+        # `model.mask_duplicates` turns on, and the group (always: a group is a statement
+        # of the data). Columns off are not compared at all (one [B, N] pass each).
+        self.exclusion_columns = ([0] + ([1] if cfg.mask_duplicates in ("text", "both") else [])
+                                  + ([2] if cfg.mask_duplicates in ("image", "both") else []) + [3])
         # BatchNorm key towers could cheat through batch statistics: shuffle their batch
         # across ranks (MoCo's Shuffle-BN). LayerNorm towers (ViT, BERT) need none.
         self.shuffle_image = cfg.momentum_encoder and has_batchnorm(image)
@@ -231,48 +232,51 @@ class DualQueueMoCo(nn.Module):
     # --- keys --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _shuffled(self, tower, tensors: tuple[torch.Tensor, ...], all_ids: torch.Tensor) -> torch.Tensor:
-        """Run `tower` on a batch shuffled across ranks (Shuffle-BN); -> global keys [W*B, D].
+    def _shuffled(self, tower, tensors: tuple[torch.Tensor, ...], ids: torch.Tensor) -> torch.Tensor:
+        """Run `tower` on a batch shuffled across ranks (Shuffle-BN); -> this rank's keys
+        [B, D] (float32), in its own rows' order.
 
-        Every per-sample tensor is shuffled with the same permutation (BriVL shuffled the
-        images but not their masks). The permutation is seeded by the gathered ids, so it
-        is the same on every rank and the same again after a resume.
+        Each rank sends a random B/W of its rows to every rank (all-to-all, in the inputs'
+        own dtype: uint8 images, int64 tokens) and receives B rows, so every rank's
+        BatchNorm sees samples from all ranks (from B of them when B < W); the keys go back
+        the same way. The split sizes follow from B and W alone
+        and the rows are chosen by a hash of their sample ids (argsort on the device), so
+        there is no host sync, nothing grows with W, and a resumed run shuffles alike. Every
+        per-sample tensor moves with the same rows (BriVL shuffled the images but not their
+        masks).
         """
         world, rank, b = D.world_size(), D.rank(), tensors[0].shape[0]
-        gathered = [D.all_gather_cat(t) for t in tensors]
-        gen = torch.Generator().manual_seed(int(all_ids.sum().item()) & 0x7FFFFFFF)
-        perm = torch.randperm(world * b, generator=gen).to(all_ids.device)
-        mine = perm[rank * b:(rank + 1) * b]
-        out_shuffled = D.all_gather_cat(tower(*(g[mine] for g in gathered)).float())
-        out = torch.empty_like(out_shuffled)
-        out[perm] = out_shuffled
+        send, recv = shuffle_splits(b, world, rank)
+        order = torch.argsort(_hash64(ids))  # which rows go where: random, on the device
+        received = [D.all_to_all_rows(t[order], send, recv) for t in tensors]
+        keys = D.all_to_all_rows(tower(*received).float(), recv, send)
+        out = torch.empty_like(keys)
+        out[order] = keys
         return out
 
     @torch.no_grad()
     def compute_keys(self, image, input_ids, attention_mask, meta):
-        """-> local (k_img, k_txt) [B,D] and gathered (K_img, K_txt) [W*B,D], meta [W*B,4]."""
+        """-> local (k_img, k_txt) [B,D] and gathered (K_img, K_txt) [W*B,D], meta [W*B,4].
+
+        ONE all_gather for both modalities and the meta (the int64 columns ride along
+        bit-for-bit as pairs of float32 columns). A BatchNorm tower under several
+        processes computes its keys on a batch shuffled across ranks first (`_shuffled`:
+        two all-to-alls of that tower's inputs and keys).
+        """
         if self.key is None:
             raise RuntimeError("compute_keys: this model has no key towers (model.momentum_encoder is false)")
-        shuffle = D.world_size() > 1 and (self.shuffle_image or self.shuffle_text)
-        if not shuffle:
+        shuffle = D.world_size() > 1
+        ids = meta[:, 0]
+        if shuffle and self.shuffle_image:
+            k_img = self._shuffled(self.key.image, (image,), ids)
+        else:
             k_img = self.key.image(image).float()
+        if shuffle and self.shuffle_text:
+            k_txt = self._shuffled(self.key.text, (input_ids, attention_mask), ids)
+        else:
             k_txt = self.key.text(input_ids, attention_mask).float()
-            # ONE collective for both modalities and the meta: the int64 columns ride along
-            # bit-for-bit as pairs of float32 columns.
-            packed = D.all_gather_cat(_pack(k_img, k_txt, meta))
-            return (k_img, k_txt, *_unpack(packed, k_img.shape[1]))
-        all_meta = D.all_gather_cat(meta)
-        all_ids = all_meta[:, 0]
-        if self.shuffle_image:
-            all_img = self._shuffled(self.key.image, (image,), all_ids)
-        else:
-            all_img = D.all_gather_cat(self.key.image(image).float())
-        if self.shuffle_text:
-            all_txt = self._shuffled(self.key.text, (input_ids, attention_mask), all_ids)
-        else:
-            all_txt = D.all_gather_cat(self.key.text(input_ids, attention_mask).float())
-        b, r = image.shape[0], D.rank()
-        return all_img[r * b:(r + 1) * b], all_txt[r * b:(r + 1) * b], all_img, all_txt, all_meta
+        packed = D.all_gather_cat(_pack(k_img, k_txt, meta))
+        return (k_img, k_txt, *_unpack(packed, k_img.shape[1]))
 
     # --- the step ----------------------------------------------------------------------
 
@@ -299,20 +303,22 @@ class DualQueueMoCo(nn.Module):
             k_img, k_txt, all_img, all_txt, all_meta = self.compute_keys(image, input_ids, attention_mask, meta)
         neg_txt, neg_meta = self._negatives(self.text_queue, all_txt, all_meta)
         neg_img, _ = self._negatives(self.image_queue, all_img, all_meta)  # same rows, same meta
-        q_meta = self.query_meta(meta)
-        kw = dict(grad_keys=self.key is None, **scalars)
+        q_meta, neg_keys = self.query_meta(meta), self.query_meta(neg_meta)
+        # Both directions see the same rows with the same meta: one exclusion mask for both.
+        mask = excluded(q_meta, neg_keys)
+        kw = dict(grad_keys=self.key is None, mask=mask, **scalars)
         distill = self.key is not None and distill_alpha > 0
-        loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, q_meta, neg_meta, **kw,
+        loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, q_meta, neg_keys, **kw,
                                 **(dict(teacher=k_img, alpha=distill_alpha) if distill else {}))
-        loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, q_meta, neg_meta, **kw,
+        loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, q_meta, neg_keys, **kw,
                                 **(dict(teacher=k_txt, alpha=distill_alpha) if distill else {}))
         with torch.no_grad():
             pos_sim = 0.5 * (torch.linalg.vecdot(q_img.float(), k_txt.float()).mean()
                              + torch.linalg.vecdot(q_txt.float(), k_img.float()).mean())
             neg_sim = None
             if stats:  # over the negatives the loss counts
-                neg_sim = 0.5 * (mean_negative_sim(q_img, q_meta, neg_txt, neg_meta)
-                                 + mean_negative_sim(q_txt, q_meta, neg_img, neg_meta))
+                neg_sim = 0.5 * (mean_negative_sim(q_img, q_meta, neg_txt, neg_keys, mask)
+                                 + mean_negative_sim(q_txt, q_meta, neg_img, neg_keys, mask))
         return StepOutput(
             loss=loss_i2t + loss_t2i, loss_i2t=loss_i2t, loss_t2i=loss_t2i,
             temperature=temperature.detach(), keys_img=all_img.detach(), keys_txt=all_txt.detach(),
@@ -320,10 +326,9 @@ class DualQueueMoCo(nn.Module):
         )
 
     def query_meta(self, meta: torch.Tensor) -> torch.Tensor:
-        """A query's side of the exclusion keys [B, 4]: its id, and the fingerprints that
-        `model.mask_duplicates` turns on (the others -1, which matches nothing)."""
-        on = torch.cat([torch.ones(1, dtype=torch.bool), self.fingerprint_on]).to(meta.device)
-        return torch.where(on, meta, -1)
+        """The exclusion keys of meta rows [n, 4] -> [n, F]: the id, the fingerprints
+        `model.mask_duplicates` turns on, the group (`exclusion_columns`)."""
+        return meta[:, self.exclusion_columns]
 
     def _negatives(self, queue: FeatureQueue, batch_keys: torch.Tensor, batch_meta: torch.Tensor):
         """[gathered batch keys ; written queue rows] (float32) and their meta [N, 4]."""
@@ -351,6 +356,23 @@ def negative_bank(batch_keys: torch.Tensor, batch_ids: torch.Tensor, queue_rows:
 N_FINGERPRINTS = 3  # caption text, image, group
 
 
+def shuffle_splits(b: int, world: int, rank: int) -> tuple[list[int], list[int]]:
+    """Shuffle-BN's all-to-all split sizes for `rank`: rows it sends to each rank, rows it
+    receives from each. Rank r sends b // W rows to every rank plus one more to the b % W
+    ranks after it (cyclically), so every rank receives exactly b rows, also when b < W."""
+    send = [b // world + ((j - rank) % world < b % world) for j in range(world)]
+    recv = [b // world + ((rank - i) % world < b % world) for i in range(world)]
+    return send, recv
+
+
+def _hash64(x: torch.Tensor) -> torch.Tensor:
+    """A fixed int64 mix of int64 values (splitmix64's finaliser, wrapping), on the device."""
+    x = x.to(torch.int64)
+    x = (x ^ (x >> 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
+    x = (x ^ (x >> 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ (x >> 31)
+
+
 def _meta(sample_id: torch.Tensor, fingerprints: torch.Tensor | None) -> torch.Tensor:
     """[B, 1 + N_FINGERPRINTS] int64: the sample id, then its fingerprints (-1: none)."""
     ids = sample_id.to(torch.int64).view(-1, 1)
@@ -376,14 +398,14 @@ def _unpack(packed: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 @torch.no_grad()
 def mean_negative_sim(q: torch.Tensor, q_ids: torch.Tensor, negatives: torch.Tensor,
-                      neg_ids: torch.Tensor) -> torch.Tensor:
+                      neg_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows i of the mean similarity q_i . n_j over the negatives the loss counts
     (`losses.excluded` leaves them in); 0-d float32. Costs a [B, N] product: the trainer
     asks for it on logging steps only."""
     if negatives.shape[0] == 0:
         return torch.zeros((), device=q.device)
     sims = q.detach().float() @ negatives.detach().float().t()
-    mask = excluded(q_ids, neg_ids)
+    mask = excluded(q_ids, neg_ids, mask)
     if mask is None:
         return sims.mean()
     keep = (~mask).float()

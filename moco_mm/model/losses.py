@@ -16,6 +16,8 @@ All share one signature so the model can pick one by name (`OBJECTIVES`):
   value means "none": it never matches);
 - `grad_keys`: False (MoCo: keys come from momentum towers, only `q` gets a gradient);
   True (CLIP: keys and negatives are the other tower's outputs and get one too);
+- `mask`: `excluded(q_ids, neg_ids)` already computed (optional: both directions of a step
+  share it, and the model computes it once);
 - `params`: the objective's own hyper-parameters (published defaults as keyword defaults)
   and learnt scalars (e.g. the margin loss's beta), passed by keyword.
 
@@ -42,19 +44,26 @@ LossFn = Callable[..., torch.Tensor]
 MASKED = -torch.finfo(torch.float32).max
 
 
-def excluded(q_ids: torch.Tensor | None, neg_ids: torch.Tensor | None) -> torch.Tensor | None:
+def excluded(q_ids: torch.Tensor | None, neg_ids: torch.Tensor | None,
+             mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """bool [B, N]: True where negative j does not count for query i (see module docstring);
-    None when nothing is excluded. One [B, N] bool, built column by column."""
+    None when nothing is excluded. `mask`, when given, is that result already computed (the
+    model computes it once for both directions) and is returned as it is.
+
+    One [B, N] bool, built column by column (one compare and one in-place or per column): a
+    query's "none" (-1) becomes -2, which no negative carries (theirs are -1 or >= 0), so
+    no extra pass is needed to keep "none" from matching "none"."""
+    if mask is not None:
+        return mask
     if q_ids is None or neg_ids is None:
         return None
     if q_ids.dim() == 1:
         return q_ids.view(-1, 1) == neg_ids.view(1, -1)
-    mask = None
-    for f in range(q_ids.shape[1]):
-        qf = q_ids[:, f]
-        hit = (qf.view(-1, 1) == neg_ids[:, f].view(1, -1)) & (qf >= 0).view(-1, 1)
-        mask = hit if mask is None else mask.logical_or_(hit)
-    return mask
+    q = torch.where(q_ids >= 0, q_ids, -2)
+    out = q[:, 0:1] == neg_ids[:, 0].view(1, -1)
+    for f in range(1, q_ids.shape[1]):
+        out.logical_or_(q[:, f:f + 1] == neg_ids[:, f].view(1, -1))
+    return out
 
 
 def _similarities(q, k, negatives, scale, grad_keys) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,19 +86,19 @@ def _similarities(q, k, negatives, scale, grad_keys) -> tuple[torch.Tensor, torc
         return torch.linalg.vecdot(q, k.float()).unsqueeze(1), q @ negatives.float().t()
 
 
-def _scores(q, k, negatives, scale, q_ids, neg_ids, grad_keys) -> torch.Tensor:
+def _scores(q, k, negatives, scale, q_ids, neg_ids, grad_keys, mask=None) -> torch.Tensor:
     """float32 scores [B, 1+N] (see `_similarities`): column 0 the positive, then the
     negatives; masked entries hold MASKED."""
     pos, neg = _similarities(q, k, negatives, scale, grad_keys)
     if neg.shape[1] == 0:
         return pos
-    mask = excluded(q_ids, neg_ids)
+    mask = excluded(q_ids, neg_ids, mask)
     if mask is not None:
         neg = torch.where(mask, MASKED, neg)
     return torch.cat([pos, neg], dim=1)
 
 
-def queue_infonce(q, k, negatives, temperature, q_ids=None, neg_ids=None, grad_keys: bool = False,
+def queue_infonce(q, k, negatives, temperature, q_ids=None, neg_ids=None, grad_keys: bool = False, mask=None,
                   teacher=None, alpha: float = 0.0) -> torch.Tensor:
     """InfoNCE with the positive at index 0: mean_i CE([q_i.k_i, q_i.n_j ...] / T, 0).
 
@@ -101,41 +110,41 @@ def queue_infonce(q, k, negatives, temperature, q_ids=None, neg_ids=None, grad_k
     target); the teacher's own scores are freed once it is built.
     """
     scale = 1.0 / temperature
-    scores = _scores(q, k, negatives, scale, q_ids, neg_ids, grad_keys)
+    scores = _scores(q, k, negatives, scale, q_ids, neg_ids, grad_keys, mask)
     if teacher is None or alpha <= 0:
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(scores, target)
     with torch.no_grad():
         soft = _scores(teacher.detach(), k, negatives, scale.detach() if torch.is_tensor(scale) else scale,
-                       q_ids, neg_ids, False).softmax(dim=1)
+                       q_ids, neg_ids, False, mask).softmax(dim=1)
         soft.mul_(alpha)[:, 0] += 1.0 - alpha
     # Excluded columns hold exactly 0 in the target and a finite log-probability: no 0 * inf.
     return F.cross_entropy(scores, soft)
 
 
-def _hinges(q, k, negatives, q_ids, neg_ids, margin, grad_keys):
+def _hinges(q, k, negatives, q_ids, neg_ids, margin, grad_keys, mask=None):
     """positive similarities [B, 1] and hinges relu(margin - pos + neg) [B, N]."""
-    scores = _scores(q, k, negatives, None, q_ids, neg_ids, grad_keys)
+    scores = _scores(q, k, negatives, None, q_ids, neg_ids, grad_keys, mask)
     pos = scores[:, :1]
     # A masked entry's hinge is relu(margin - pos + MASKED) = 0: it drops out of max and sum.
     return pos, (margin - pos + scores[:, 1:]).clamp(min=0)
 
 
 def vse_max(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, margin: float = 0.2,
-            grad_keys: bool = False) -> torch.Tensor:
+            grad_keys: bool = False, mask=None) -> torch.Tensor:
     """VSE++ (Faghri et al.): hinge on the hardest negative per query,
     mean_i max_j relu(margin - q_i.k_i + q_i.n_j). `temperature` is accepted and unused."""
-    pos, hinge = _hinges(q, k, negatives, q_ids, neg_ids, margin, grad_keys)
+    pos, hinge = _hinges(q, k, negatives, q_ids, neg_ids, margin, grad_keys, mask)
     if hinge.shape[1] == 0:
         return pos.sum() * 0.0
     return hinge.max(dim=1).values.mean()
 
 
 def vse_sum(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, margin: float = 0.2,
-            grad_keys: bool = False) -> torch.Tensor:
+            grad_keys: bool = False, mask=None) -> torch.Tensor:
     """Hinge summed over negatives: mean_i sum_j relu(margin - q_i.k_i + q_i.n_j).
     `temperature` is accepted and unused."""
-    _, hinge = _hinges(q, k, negatives, q_ids, neg_ids, margin, grad_keys)
+    _, hinge = _hinges(q, k, negatives, q_ids, neg_ids, margin, grad_keys, mask)
     return hinge.sum(dim=1).mean()
 
 
@@ -153,7 +162,7 @@ _SQ_EPS = 1e-8
 MARGIN_BETA_INIT = 1.2
 
 
-def _pairs(q, k, negatives, q_ids, neg_ids, grad_keys):
+def _pairs(q, k, negatives, q_ids, neg_ids, grad_keys, mask=None):
     """Raw float32 cosine similarities (`_similarities`): `pos` [B] (query i to its own
     key), `neg` [B, N] (to the shared negatives), and `skip` bool [B, N] (True: negative j
     does not count for query i) or None.
@@ -164,7 +173,7 @@ def _pairs(q, k, negatives, q_ids, neg_ids, grad_keys):
     its gradient in the backward.
     """
     pos, neg = _similarities(q, k, negatives, None, grad_keys)
-    return pos.squeeze(1), neg, excluded(q_ids, neg_ids)
+    return pos.squeeze(1), neg, excluded(q_ids, neg_ids, mask)
 
 
 def _distance(s: torch.Tensor) -> torch.Tensor:
@@ -177,7 +186,7 @@ def _distance(s: torch.Tensor) -> torch.Tensor:
     return sq.sqrt_()
 
 
-def contrastive(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False,
+def contrastive(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False, mask=None,
                 margin: float = 1.0) -> torch.Tensor:
     """Hadsell, Chopra & LeCun 2006 (DrLIM) on Euclidean distances d of unit rows:
     mean_i [ 0.5 d(q_i, k_i)^2 + 0.5 mean_{j counted} relu(margin - d(q_i, n_j))^2 ].
@@ -189,7 +198,7 @@ def contrastive(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, gra
     rest alone. A row with no counted negative (N = 0 included) has the positive term only.
     Keeps two [B, N] float32 for backward (the distances, the hinges).
     """
-    pos, neg, skip = _pairs(q, k, negatives, q_ids, neg_ids, grad_keys)
+    pos, neg, skip = _pairs(q, k, negatives, q_ids, neg_ids, grad_keys, mask)
     pos_term = 0.5 * pos.mul(-2.0).add_(2.0).clamp(min=0.0)  # d^2 itself: no root, no guard
     n = neg.shape[1]
     if n == 0:
@@ -211,7 +220,7 @@ def contrastive(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, gra
     return (pos_term + neg_term).mean()
 
 
-def triplet_semihard(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False,
+def triplet_semihard(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False, mask=None,
                      alpha: float = 0.2) -> torch.Tensor:
     """FaceNet (Schroff et al. 2015) with semi-hard negatives, on squared distances
     D = 2 - 2s of unit rows: mean_i relu(D(q_i, k_i) - D(q_i, n*_i) + alpha).
@@ -229,7 +238,7 @@ def triplet_semihard(q, k, negatives, temperature=None, q_ids=None, neg_ids=None
     with torch.no_grad():
         pos, neg = _similarities(q.detach(), k, negatives, None, False)
         if neg.shape[1] > 0:
-            skip = excluded(q_ids, neg_ids)
+            skip = excluded(q_ids, neg_ids, mask)
             below = torch.where(neg < pos, neg, -torch.inf)
             if skip is not None:
                 below.masked_fill_(skip, -torch.inf)
@@ -281,7 +290,7 @@ def distance_weights(d: torch.Tensor, dim: int, cutoff: float = 0.5, nonzero_los
     return w.div_(w.sum(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny))
 
 
-def margin_loss(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False,
+def margin_loss(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False, mask=None,
                 beta=MARGIN_BETA_INIT, alpha: float = 0.2, cutoff: float = 0.5,
                 nonzero_loss_cutoff: float = 1.4) -> torch.Tensor:
     """Margin loss with distance-weighted sampling (Wu, Manmatha, Smola & Krähenbühl 2017,
@@ -302,7 +311,7 @@ def margin_loss(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, gra
     At most two [B, N] float32 alive beyond the similarities (which are freed once the
     distances exist); backward keeps the distances and the weights.
     """
-    pos, neg, skip = _pairs(q, k, negatives, q_ids, neg_ids, grad_keys)
+    pos, neg, skip = _pairs(q, k, negatives, q_ids, neg_ids, grad_keys, mask)
     pos_term = (alpha + _distance(pos) - beta).clamp(min=0.0)
     if neg.shape[1] == 0:
         return pos_term.mean()
@@ -318,7 +327,7 @@ def margin_loss(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, gra
     return (pos_term + neg_term).mean()
 
 
-def multi_similarity(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False,
+def multi_similarity(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False, mask=None,
                      alpha: float = 2.0, beta: float = 50.0, lam: float = 1.0, epsilon: float = 0.1) -> torch.Tensor:
     """Multi-similarity loss (Wang et al. 2019) with its pair mining, on similarities s:
 
@@ -332,7 +341,7 @@ def multi_similarity(q, k, negatives, temperature=None, q_ids=None, neg_ids=None
     softplus(logsumexp) / beta, stable at beta 50. Defaults: alpha 2, beta 50, lam 1,
     epsilon 0.1 (the paper's). Backward keeps one [B, N] float32.
     """
-    pos, neg, skip = _pairs(q, k, negatives, q_ids, neg_ids, grad_keys)
+    pos, neg, skip = _pairs(q, k, negatives, q_ids, neg_ids, grad_keys, mask)
     if neg.shape[1] == 0:
         return pos.sum() * 0.0
     with torch.no_grad():
@@ -349,7 +358,7 @@ def multi_similarity(q, k, negatives, temperature=None, q_ids=None, neg_ids=None
     return (pos_term + neg_term).mean()
 
 
-def circle(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False,
+def circle(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_keys: bool = False, mask=None,
            m: float = 0.25, gamma: float = 256.0) -> torch.Tensor:
     """Circle loss (Sun et al. 2020) with one positive per row:
 
@@ -362,7 +371,7 @@ def circle(q, k, negatives, temperature=None, q_ids=None, neg_ids=None, grad_key
     them through `model.loss_params`). Backward keeps two [B, N] float32 (the weights a_ij,
     the logits).
     """
-    pos, neg, skip = _pairs(q, k, negatives, q_ids, neg_ids, grad_keys)
+    pos, neg, skip = _pairs(q, k, negatives, q_ids, neg_ids, grad_keys, mask)
     with torch.no_grad():
         a_p = (1.0 + m - pos).clamp_(min=0.0)
     pos_logit = -gamma * a_p * (pos - (1.0 - m))
@@ -398,7 +407,7 @@ class Objective:
         """Keyword parameters a config may set (`model.loss_params`), with their defaults."""
         # A distilling objective's `teacher`/`alpha` are the trainer's (the ramped distillation
         # weight); elsewhere `alpha` is the objective's own margin or scale.
-        fixed = ({"temperature", "q_ids", "neg_ids", "grad_keys"} | {n for n, _ in self.learnt}
+        fixed = ({"temperature", "q_ids", "neg_ids", "grad_keys", "mask"} | {n for n, _ in self.learnt}
                  | ({"teacher", "alpha"} if self.distills else set()))
         sig = inspect.signature(self.fn)
         return {n: p.default for n, p in sig.parameters.items()

@@ -44,12 +44,17 @@ class FeatureQueue(nn.Module):
         self.register_buffer("id_store", torch.full((size,), -1, dtype=torch.long))
         # -1: no fingerprint (never matches; see model.losses.excluded).
         self.register_buffer("fingerprint_store", torch.full((size, n_fingerprints), -1, dtype=torch.long))
-        # Kept as tensors so they travel in state_dict / safetensors with the rows.
+        # Kept as tensors so they travel in state_dict / safetensors with the rows, and
+        # mirrored as host ints so that no step reads them back from the device (a host
+        # sync on CUDA, and a graph break under torch.compile). The ints are the truth;
+        # the buffers are written alongside and read back only when a state dict loads.
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._ptr = 0
+        self._filled = 0
 
     def __len__(self) -> int:
-        return int(self.filled)
+        return self._filled
 
     @property
     def features(self) -> torch.Tensor:
@@ -85,7 +90,7 @@ class FeatureQueue(nn.Module):
         if n > self.size:  # only the newest `size` rows can survive anyway
             features, ids, fingerprints = features[-self.size:], ids[-self.size:], fingerprints[-self.size:]
             n = self.size
-        ptr = int(self.ptr)
+        ptr = self._ptr
         first = min(n, self.size - ptr)  # rows up to the end of the storage
         self.feature_store[ptr: ptr + first] = features[:first].to(self.feature_store.dtype)
         self.id_store[ptr: ptr + first] = ids[:first]
@@ -95,8 +100,10 @@ class FeatureQueue(nn.Module):
             self.feature_store[:rest] = features[first:].to(self.feature_store.dtype)
             self.id_store[:rest] = ids[first:]
             self.fingerprint_store[:rest] = fingerprints[first:]
-        self.ptr.fill_((ptr + n) % self.size)
-        self.filled.fill_(min(self.size, int(self.filled) + n))
+        self._ptr = (ptr + n) % self.size
+        self._filled = min(self.size, self._filled + n)
+        self.ptr.fill_(self._ptr)  # a device write of a host number: no sync
+        self.filled.fill_(self._filled)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before fingerprints existed: their rows have none (-1).
@@ -104,6 +111,7 @@ class FeatureQueue(nn.Module):
         if key not in state_dict and prefix + "id_store" in state_dict:
             state_dict[key] = torch.full_like(self.fingerprint_store, -1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ptr, self._filled = int(self.ptr), int(self.filled)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, dtype={self.feature_store.dtype}"

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML config (as for moco-mm train)")
     ap.add_argument("--gpu", required=True, choices=sorted(plan.GPUS), help="the GPU to plan for")
     ap.add_argument("--world-size", type=int, default=8,
-                    help="ranks in the run (default 8, one node): the global batch and DDP buckets depend on it")
+                    help="ranks in the run (default 8, one node): the global batch and so the logits depend on it")
     ap.add_argument("--json", metavar="OUT", help="also write the plan as JSON here")
     ap.add_argument("--vocab-size", type=int, default=None,
                     help="text vocabulary (default: the tokenizer's if found, else the model type's default)")

@@ -10,10 +10,10 @@ What one step holds, per rank (B = data.batch_size, W = world size, K = queue.si
 D = model.embed_dim, N = K + W*B negatives per query with in-batch negatives on):
 
 - fp32 master weights of the query towers and of their momentum (key) copies;
-- fp32 gradients of the trainable query weights, AdamW's two fp32 states of each, and
-  under DDP (W > 1) gradient buckets of the same size (DDP's default
-  `gradient_as_bucket_view=False` keeps buckets beside `.grad`);
-- the two queues (K x D in `queue.dtype`, plus int64 ids);
+- fp32 gradients of the trainable query weights and AdamW's two fp32 states of each;
+  under DDP the gradients ARE the buckets (`gradient_as_bucket_view=True`, as the
+  trainer wraps it), so the buckets add nothing;
+- the two queues (K x D in `queue.dtype`, plus int64 ids and fingerprints);
 - activations: what the query towers keep for backward, *measured*, not modelled. Each
   tower is built on the meta device, moved into `FakeTensorMode` (shapes and dtypes,
   no memory, no arithmetic) and run forward and backward under the config's precision
@@ -31,7 +31,7 @@ D = model.embed_dim, N = K + W*B negatives per query with in-batch negatives on)
   searches use a bilinear fit in B and N of four such traces);
 - the gathered keys [W*B, 2D+8] (both modalities and the int64 meta — id and 3
   fingerprints — as float32 pairs; held until the enqueue, per micro-batch) and, for
-  BatchNorm towers with W > 1, the Shuffle-BN gathered inputs.
+  BatchNorm towers with W > 1, Shuffle-BN's exchanged rows (about B of them whatever W).
 
 Three phases are costed and the largest is the peak: `forward` (end of the query
 forward + the key towers' no-grad forward + the loss; gradients are None), `backward`
@@ -115,7 +115,7 @@ PART_NOTES = {
     "grads": "fp32 gradients of the trainable query weights",
     "optimizer.adamw": "AdamW exp_avg + exp_avg_sq (fp32)",
     "optimizer.step_temp": "foreach AdamW temporaries (one fp32 copy)",
-    "ddp.buckets": "DDP gradient buckets (world size > 1)",
+    "ddp.buckets": "DDP gradient buckets beyond .grad (0: gradient_as_bucket_view, grads live in them)",
     "queues.features": "2 queues x K x D in queue.dtype",
     "queues.ids": "2 queues x K x (sample id + 3 fingerprints) int64",
     "inputs": "the batch on the GPU (images fp32, token ids, masks)",
@@ -128,7 +128,7 @@ PART_NOTES = {
     "logit_grads": "gradients of the logits (one direction at a time)",
     "loss.forward": "loss forward peak incl. banks, 2 directions",
     "gathered.keys": "all-gathered keys + ids (x accum_steps) + local keys",
-    "gathered.shuffle": "Shuffle-BN gathered inputs and outputs (BN towers, W > 1)",
+    "gathered.shuffle": "Shuffle-BN exchanged inputs and keys (BN towers, W > 1; ~constant in W)",
 }
 
 
@@ -209,7 +209,9 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
         "params.query": profile.param_bytes_query,
         "params.key": profile.param_bytes_key,
     }
-    ddp = {"ddp.buckets": grads if w > 1 else 0}
+    # gradient_as_bucket_view=True: .grad tensors are views into DDP's buckets, so the
+    # buckets add nothing beyond the gradients already counted.
+    ddp = {"ddp.buckets": 0}
     queues = {
         "queues.features": 2 * k * d * _QUEUE_BYTES[cfg.queue.dtype],
         "queues.ids": 2 * k * META_COLUMNS * _I64,
@@ -229,8 +231,9 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
     if w > 1:
         for tower in (profile.image, profile.text):
             if tower.has_batchnorm:
-                # gathered inputs [W*B,...], this rank's shuffled slice, gathered outputs x2
-                shuffle += (wb + b) * tower.input_bytes_per_sample + 2 * wb * d * _F32
+                # all-to-all: this rank's inputs reordered (B rows) and the B rows it
+                # receives, their keys and the keys sent back: constant in W.
+                shuffle += 2 * b * tower.input_bytes_per_sample + 2 * b * d * _F32
     g = wb if m.in_batch_negatives else 0
     bf16 = profile.precision == "bf16"
     learnt_t = learns_temperature(m.loss, m.learn_temperature)
@@ -338,8 +341,8 @@ def plan(cfg: Config, gpu: str | GpuSpec, world_size: int = 8, *, vocab_size: in
          profile: ModelProfile | None = None) -> MemoryPlan:
     """Plan one training step of `cfg` on `gpu` with `world_size` ranks.
 
-    world_size defaults to 8 (one node): from 2 ranks on DDP adds gradient buckets, and
-    the logits and gathered keys grow with the global batch.
+    world_size defaults to 8 (one node): the logits and gathered keys grow with the global
+    batch (DDP's buckets are the gradients themselves; Shuffle-BN's exchange stays ~2B rows).
     """
     spec = resolve_gpu(gpu)
     if world_size < 1:

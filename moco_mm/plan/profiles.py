@@ -92,7 +92,7 @@ def _param_bytes(module: nn.Module, trainable_only: bool = False) -> tuple[int, 
 
 
 # Bump when the tracing changes what it measures: cached profiles then stop matching.
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 _TOWERS: dict[str, TowerProfile] = {}
 
@@ -149,16 +149,18 @@ def tower_profile(kind: str, m: ModelConfig, autocast_dtype: torch.dtype | None,
         size = m.image.image_size
 
         def make_inputs(b: int) -> tuple:
-            return (torch.empty(b, 3, size, size),)
+            # uint8, as the loader hands them over: the tower normalises to float32 itself
+            # (that float copy is an activation the trace sees).
+            return (torch.empty(b, 3, size, size, dtype=torch.uint8),)
 
-        input_bytes = 3 * size * size * _F32
+        input_bytes = 3 * size * size
     else:
         length = m.text.max_length
 
         def make_inputs(b: int) -> tuple:
             return torch.zeros(b, length, dtype=torch.long), torch.ones(b, length, dtype=torch.long)
 
-        input_bytes = 2 * length * _I64 + _I64  # input_ids + attention_mask + sample_id
+        input_bytes = 2 * length * _I64 + 4 * _I64  # input_ids + attention_mask + sample_id + 3 fingerprints
     with _fake_mode():
         tower = tower.to_empty(device="cpu")
         fits, method = _profile_fake_tower(tower, make_inputs, autocast_dtype, depth_extrapolation)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from moco_mm import distributed as D
 from moco_mm.config import ConfigError, config_yaml, describe_keys, load_config
 from moco_mm.model.losses import validate_objective
+from moco_mm.train.kernels import configure_kernels
 from moco_mm.train.trainer import Trainer
 
 
@@ -47,7 +49,10 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
+    if cfg.run.deterministic:  # cuBLAS reads its workspace setting before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     info = D.init_distributed(cfg.run.device, cfg.run.process_group_timeout_s)
+    configure_kernels(cfg.run, info.device)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # other ranks stay quiet
     try:

@@ -34,9 +34,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moco_mm import distributed as D
 from moco_mm.config import Config, ConfigError, dump_config, queue_warnings, to_dict
-from moco_mm.data import LoaderState, ShardSource, build_transforms, iter_eval_batches, make_loader, steps_per_epoch
+from moco_mm.data import (
+    LoaderState,
+    ShardSource,
+    build_transforms,
+    iter_eval_batches,
+    make_stream,
+    pin_memory_for,
+    steps_per_epoch,
+)
 from moco_mm.metrics import format_table, retrieval_metrics
-from moco_mm.model import DualQueueMoCo, load_tokenizer, momentum_at
+from moco_mm.model import DualQueueMoCo, has_batchnorm, load_tokenizer, momentum_at
 from moco_mm.train.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
 from moco_mm.train.run_log import MetricsLog, ProgressBar, WandbLogger
 
@@ -62,9 +70,12 @@ def lr_at(step: int, cfg) -> float:
     return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_optimizer(query: torch.nn.Module, cfg) -> torch.optim.AdamW:
+def build_optimizer(query: torch.nn.Module, cfg, device: torch.device | None = None) -> torch.optim.AdamW:
     """AdamW over trainable query parameters; no weight decay on biases, norms, embeddings
-    of position/class tokens and the temperature (ALBEF decays its temperature: a bug)."""
+    of position/class tokens and the temperature (ALBEF decays its temperature: a bug).
+
+    Fused (one kernel for all parameters, its step counters on the device: no host read of
+    them per step) where torch has it for the device: CUDA, and the CPU since torch 2.4."""
     decay, no_decay = [], []
     for name, p in query.named_parameters():
         if not p.requires_grad:
@@ -72,10 +83,22 @@ def build_optimizer(query: torch.nn.Module, cfg) -> torch.optim.AdamW:
         skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token", "log_temperature"))
         (no_decay if skip else decay).append(p)
     o = cfg.optim
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-    )
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def _channels_last(setting: str, device: torch.device) -> bool:
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def _has_conv(module: torch.nn.Module) -> bool:
+    """A convolutional tower (ResNet, EfficientNet): a Conv2d that is not a ViT's patch
+    embedding (whose kernel equals its stride: a reshaped matmul, no spatial layout to keep)."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != m.stride for m in module.modules())
 
 
 @dataclass
@@ -116,12 +139,33 @@ class Trainer:
         # made construction identical everywhere (the key towers are copies DDP never
         # broadcasts); left as it is, row j of every rank's batch would get the same mask.
         torch.manual_seed(rank_seed(cfg.run.seed, info.rank))  # CPU and every CUDA device
+        if _channels_last(cfg.run.channels_last, self.device) and _has_conv(self.model.query.image):
+            self.model.query.image.use_channels_last()
+            if self.model.key is not None:
+                self.model.key.image.use_channels_last()
+        if cfg.run.compile:
+            # Towers (and, in one process, the whole step: keys, gather, loss) compiled in
+            # place (state-dict names unchanged); under DDP dynamo splits the query at DDP's
+            # bucket boundaries by design.
+            for module in (self.model.query, self.model.key):
+                if module is not None:
+                    module.compile()
         # Only the query towers (and temperature) are trained, so only they go into DDP:
-        # the key towers and queues are never broadcast (see model.py).
-        self.query = (DDP(self.model.query, device_ids=[info.local_rank] if self.device.type == "cuda" else None)
+        # the key towers and queues are never broadcast (see model/dual_queue.py). Gradients
+        # live in the buckets (no second copy); buffers are broadcast only where they can
+        # differ between ranks (BatchNorm running statistics; BERT's constant position ids
+        # need no broadcast every step).
+        self.query = (DDP(self.model.query, device_ids=[info.local_rank] if self.device.type == "cuda" else None,
+                          gradient_as_bucket_view=True, broadcast_buffers=has_batchnorm(self.model.query),
+                          bucket_cap_mb=cfg.run.ddp_bucket_mb)
                       if info.world_size > 1 else self.model.query)
-        self.query_fn = torch.compile(self.query) if cfg.run.compile else self.query
-        self.optimizer = build_optimizer(self.model.query, cfg)
+        self.query_fn = self.query
+        # In one process the whole step compiles as one graph (tests/test_compile.py).
+        self.step_fn = torch.compile(self.model) if cfg.run.compile and info.world_size == 1 else self.model
+        self.optimizer = build_optimizer(self.model.query, cfg, self.device)
+        # A trained scalar the NaN guard feeds (see _nan_guard): the first trained parameter.
+        self._guard_anchor = next(p for p in self.model.query.parameters() if p.requires_grad)
+        self.pending_skipped = 0  # corrupt samples skipped on this rank since the last reduction
         self.autocast_dtype = self._autocast_dtype()
 
         self.source = ShardSource.from_spec(cfg.data.train)
@@ -164,6 +208,7 @@ class Trainer:
 
     def train_state(self) -> dict:
         """Everything but the weights; collective: every rank must call it."""
+        self.flush_counters()
         return {
             "step": self.step,
             "world_size": self.info.world_size,
@@ -253,20 +298,19 @@ class Trainer:
     # --- data --------------------------------------------------------------------------
 
     def _batches(self):
-        """Micro-batches forever, epoch after epoch, keeping `loader_state` current."""
+        """Micro-batches forever, epoch after epoch, from one loader whose worker processes
+        start once (`make_stream`); the caller keeps `loader_state` current with each batch.
+        Images arrive as uint8: the image towers normalise them on the device."""
         d = self.cfg.data
-        while True:
-            st = self.loader_state
-            loader = make_loader(
-                self.source, batch_size=d.batch_size, tokenizer=self.tokenizer,
-                max_length=self.cfg.model.text.max_length, transform=self.train_transform,
-                seed=self.cfg.run.seed, epoch=st.epoch, rank=self.info.rank, world_size=self.info.world_size,
-                workers=d.workers, start_step=st.step, positions=st.positions,
-                shuffle_buffer=d.shuffle_buffer, max_consecutive_bad=d.max_consecutive_bad,
-            )
-            for batch in loader:
-                yield batch
-            self.loader_state = LoaderState.start(st.epoch + 1, d.workers)
+        stream = make_stream(
+            self.source, batch_size=d.batch_size, tokenizer=self.tokenizer,
+            max_length=self.cfg.model.text.max_length, transform=self.train_transform,
+            seed=self.cfg.run.seed, state=self.loader_state, rank=self.info.rank, world_size=self.info.world_size,
+            workers=d.workers, shuffle_buffer=d.shuffle_buffer, max_consecutive_bad=d.max_consecutive_bad,
+            pin_memory=pin_memory_for(d.pin_memory, self.device), prefetch_factor=d.prefetch_factor,
+        )
+        with stream:  # closing the generator stops the worker processes
+            yield from stream
 
     # --- one optimizer step ------------------------------------------------------------
 
@@ -283,8 +327,12 @@ class Trainer:
         return m.distill_alpha * (min(1.0, self.step / warmup) if warmup > 0 else 1.0)
 
     def train_step(self, batches, stats: bool = True) -> dict:
-        """One optimizer step over `optim.accum_steps` micro-batches from `batches`;
-        `stats`: also compute the diagnostics that cost extra (neg_sim: logging steps).
+        """One optimizer step over `optim.accum_steps` micro-batches from `batches`.
+
+        `stats` (logging steps): also return the metrics — losses, similarities, counters,
+        reduced over ranks in ONE packed all-reduce. Other steps make one host sync (the
+        finiteness decision) and no collective beyond each micro-batch's gather and DDP's
+        gradient buckets; they return only `finite` and `data_s`.
 
         A step whose loss (on any rank) or gradient norm is not finite is skipped: weights,
         key towers, BatchNorm running statistics, queues and optimizer state stay exactly
@@ -307,15 +355,15 @@ class Trainer:
             batch = next(batches)
             acc.data_s += time.perf_counter() - t0
             self.loader_state.update(batch)
-            self.counters.skipped_samples += int(D.all_reduce_sum(batch["n_skipped"].to(self.device)))
+            self.pending_skipped += int(batch["n_skipped"])  # reduced over ranks on logging steps
             inputs = {k: batch[k].to(self.device, non_blocking=True)
                       for k in ("image", "input_ids", "attention_mask", "sample_id", "fingerprints") if k in batch}
             # No gradient all-reduce until the last micro-batch.
             sync = self.query.no_sync() if (isinstance(self.query, DDP) and i < accum - 1) else contextlib.nullcontext()
             with sync:
                 with self._autocast():
-                    out = self.model(**inputs, query=self.query_fn, distill_alpha=alpha, stats=stats)
-                (out.loss / accum).backward()
+                    out = self.step_fn(**inputs, query=self.query_fn, distill_alpha=alpha, stats=stats)
+                (out.loss / accum + self._nan_guard(out.loss)).backward()
             outs.append(out)
             for name in ("loss", "loss_i2t", "loss_t2i", "pos_sim", "neg_sim"):
                 value = getattr(out, name)
@@ -327,10 +375,9 @@ class Trainer:
         else:
             grad_norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
-        # The gradient is all-reduced, so its norm agrees on every rank; the loss is
-        # rank-local, so its finiteness is agreed on with a collective.
-        loss_bad = D.all_reduce_sum((~torch.isfinite(acc.loss)).float().reshape(1))
-        finite = bool(torch.isfinite(grad_norm)) and float(loss_bad) == 0.0
+        # The gradient is all-reduced and the NaN guard puts any rank's non-finite loss into
+        # it, so this one value decides for every rank alike: the step's only host sync.
+        finite = bool(torch.isfinite(grad_norm))
         m = momentum_at(self.step, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule)
         if finite:
             self.optimizer.step()
@@ -349,27 +396,46 @@ class Trainer:
             self.counters.consecutive_bad += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        mean = lambda t: D.all_reduce_mean(torch.as_tensor(t).reshape(1)).item()  # noqa: E731 (every rank's rows count)
-        out = {
-            "loss": mean(acc.loss),
-            "loss_i2t": mean(acc.loss_i2t),
-            "loss_t2i": mean(acc.loss_t2i),
-            "lr": lr,
+        result = {"finite": finite, "data_s": acc.data_s}
+        if not stats:
+            return result
+        # Logging step: everything reduced in one packed all-reduce, read back at once.
+        neg = acc.neg_sim if torch.is_tensor(acc.neg_sim) else torch.tensor(float("nan"))
+        local = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
+                             for v in (acc.loss, acc.loss_i2t, acc.loss_t2i, acc.pos_sim, neg)]
+                            + [torch.tensor(float(self.pending_skipped), device=self.device),
+                               self.model.query.temperature().detach().float(), grad_norm.detach().float()]
+                            + [p.detach().float() for p in self.model.query.loss_scalars.values()])
+        total = D.all_reduce_sum(local).tolist()
+        w = self.info.world_size
+        loss, loss_i2t, loss_t2i, pos_sim, neg_sim = (v / w for v in total[:5])
+        self.counters.skipped_samples += int(round(total[5]))
+        self.pending_skipped = 0
+        result.update({
+            "loss": loss, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "lr": lr,
             **({"momentum": m} if self.model.has_key_towers else {}),
-            "temperature": self.model.query.temperature().item(),
-            "grad_norm": float(grad_norm),
-            "pos_sim": mean(acc.pos_sim),
+            "temperature": total[6] / w, "grad_norm": total[7] / w, "pos_sim": pos_sim, "neg_sim": neg_sim,
             "queue_fill": len(self.model.image_queue) / max(self.model.image_queue.size, 1),
-            "data_s": acc.data_s,
-            "finite": finite,
-        }
-        if stats:
-            out["neg_sim"] = mean(acc.neg_sim)
-        if alpha > 0 or self.cfg.model.distill_alpha > 0:
-            out["distill_alpha"] = alpha
-        for name, p in self.model.query.loss_scalars.items():
-            out[f"loss/{name}"] = float(p)
-        return out
+        })
+        if alpha > 0 or cfg.model.distill_alpha > 0:
+            result["distill_alpha"] = alpha
+        for j, name in enumerate(self.model.query.loss_scalars):
+            result[f"loss/{name}"] = total[8 + j] / w
+        return result
+
+    def _nan_guard(self, loss: torch.Tensor) -> torch.Tensor:
+        """0 when `loss` is finite, NaN times a trained scalar otherwise: added to the loss
+        before backward, it makes that scalar's gradient NaN on this rank, DDP's all-reduce
+        spreads it to every rank and the gradient norm turns non-finite everywhere — so the
+        ranks agree to skip without a collective of their own. Exact when finite (+0.0)."""
+        bad = torch.where(torch.isfinite(loss.detach()), 0.0, float("nan"))
+        return bad * self._guard_anchor[(0,) * self._guard_anchor.ndim]  # an element; any memory layout
+
+    def flush_counters(self) -> None:
+        """Add every rank's skipped samples not yet counted (collective: all ranks)."""
+        self.counters.skipped_samples += int(D.all_reduce_sum(
+            torch.tensor(float(self.pending_skipped), device=self.device)).item())
+        self.pending_skipped = 0
 
     # --- eval --------------------------------------------------------------------------
 
@@ -431,8 +497,10 @@ class Trainer:
                 stop_reason = (f"{self.counters.consecutive_bad} consecutive steps with a non-finite loss or "
                                f"gradient (optim.max_bad_steps={cfg.optim.max_bad_steps}); the last good "
                                f"state is saved at step {self.step}. Lower optim.lr or check the data.")
-            log_now = self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps or stop_reason
+            log_now = "loss" in m or stop_reason  # train_step computed the metrics of a logging step
             if log_now:
+                if "loss" not in m:  # a stop between logging steps: the counters, reduced now
+                    self.flush_counters()
                 elapsed = time.perf_counter() - window_t
                 m.update(step=self.step, samples_per_s=global_batch * window_steps / max(elapsed, 1e-9),
                          data_wait_frac=window_data / max(elapsed, 1e-9),

@@ -1,0 +1,54 @@
+"""Under torchrun: build the Trainer from --config and count, per kind, the collectives
+its steps issue through torch.distributed's Python API (DDP's gradient all-reduce runs in
+its C++ reducer and is not counted; its buffer broadcast goes through
+`dist._broadcast_coalesced` and is). Rank 0 writes {"plain": ..., "logging": ...}."""
+
+import argparse
+import collections
+import functools
+import json
+
+import torch.distributed as dist
+
+from moco_mm import distributed as D
+from moco_mm.config import load_config
+from moco_mm.train import Trainer
+
+KINDS = {"all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather", "all_gather": "all_gather",
+         "all_reduce": "all_reduce", "broadcast": "broadcast", "_broadcast_coalesced": "broadcast",
+         "all_to_all_single": "all_to_all", "barrier": "barrier", "all_gather_object": "object",
+         "broadcast_object_list": "object", "reduce_scatter_tensor": "reduce_scatter"}
+counts: collections.Counter = collections.Counter()
+
+
+def counted(fn, kind):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        counts[kind] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+p = argparse.ArgumentParser()
+p.add_argument("--config", required=True)
+p.add_argument("--out", required=True)
+args = p.parse_args()
+info = D.init_distributed("cpu")
+trainer = Trainer(load_config(args.config, world_size=info.world_size), info)
+accum = trainer.cfg.optim.accum_steps
+batches = [b for _, b in zip(range(6 * accum), trainer._batches())]
+it = iter(batches)
+trainer.train_step(it, stats=False)  # warm-up: lazy state
+for name, kind in KINDS.items():
+    if hasattr(dist, name):
+        setattr(dist, name, counted(getattr(dist, name), kind))
+for _ in range(3):
+    trainer.train_step(it, stats=False)
+plain = dict(counts)
+counts.clear()
+trainer.train_step(it, stats=True)
+logging = dict(counts)
+if info.is_main:
+    with open(args.out, "w") as f:
+        json.dump({"plain": plain, "logging": logging}, f)
+D.shutdown()
