@@ -11,9 +11,9 @@ itself under torchrun and rank 0 reports):
   plan      `moco_mm.plan.plan(cfg, GpuSpec of the GPU found, W)`; the per-GPU batch B is the
             config's when the plan fits, else min(config batch, max_batch_per_gpu); the
             vocabulary is `plan.default_vocab_size` (no tokenizer: random token ids);
-  ours      N timed steps after M warm-up of our training step (the core of
-            `Trainer.train_step`: DualQueueMoCo, AdamW from `build_optimizer`, DDP over
-            `model.query` with gradient_as_bucket_view when W > 1, the config's autocast,
+  ours      N timed steps after M warm-up of our training step (`moco_mm.train.TrainStep`,
+            what `Trainer.train_step` runs: fused AdamW, DDP over `model.query` with
+            gradient_as_bucket_view when W > 1, the config's autocast and channels-last,
             clipping, the non-finite check, EMA, enqueue) in the momentum mode (the config
             as is, both queues pre-filled: the steady state) and in the CLIP mode
             (model.momentum_encoder=false, queue.enabled=false);
@@ -74,8 +74,8 @@ from torch import nn
 from moco_mm import distributed as D
 from moco_mm import plan as planner
 from moco_mm.config import CHECKPOINT_MARKER, Config, ImageTowerConfig, load_config
-from moco_mm.model import DualQueueMoCo, has_batchnorm, momentum_at
-from moco_mm.train import build_optimizer, lr_at
+from moco_mm.model import DualQueueMoCo
+from moco_mm.train.step import TrainStep, autocast_dtype, uses_channels_last
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = planner.GIB
@@ -266,28 +266,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The trainer's rule: bf16 for `bf16`, and for `auto` on CUDA; else fp32."""
-    p = cfg.run.precision
-    return torch.bfloat16 if p == "bf16" or (p == "auto" and device.type == "cuda") else None
-
-
-def _channels_last(cfg: Config, image_tower: nn.Module, device: torch.device) -> bool:
-    """The trainer's rule: `run.channels_last` (auto: on CUDA) for convolutional image
-    towers, i.e. with a Conv2d that is not a ViT's patch embedding (kernel == stride)."""
-    mode = getattr(cfg.run, "channels_last", "off")
-    conv = any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in image_tower.modules())
-    return conv and (mode == "on" or (mode == "auto" and device.type == "cuda"))
-
-
-def _to_channels_last(tower: nn.Module) -> None:
-    use = getattr(tower, "use_channels_last", None)  # our ImageTower (weights and inputs NHWC)
-    if use is not None:
-        use()
-    else:
-        tower.to(memory_format=torch.channels_last)
-
-
 def _ddp(module: nn.Module, ctx: Ctx, cfg: Config, broadcast_buffers: bool = True) -> nn.Module:
     if ctx.world == 1:
         return module
@@ -299,64 +277,26 @@ def _ddp(module: nn.Module, ctx: Ctx, cfg: Config, broadcast_buffers: bool = Tru
                bucket_cap_mb=getattr(cfg.run, "ddp_bucket_mb", 25))
 
 
-def _optimizer(query: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """`build_optimizer` as the trainer calls it (with the device where it takes one: the
-    fused AdamW kernel)."""
-    import inspect
-
-    if "device" in inspect.signature(build_optimizer).parameters:
-        return build_optimizer(query, cfg, device)
-    return build_optimizer(query, cfg)
-
-
 class OurStep:
-    """One optimizer step of our trainer on a fixed batch: `Trainer.train_step` on a
-    non-logging step, without the loader (lr schedule, autocast forward, backward with the
-    NaN guard, clip, the one host sync that decides finiteness, AdamW, temperature clamp,
-    EMA, enqueue). Logging steps (1 in run.log_every) add one packed all-reduce: not timed."""
+    """One optimizer step of our trainer on a fixed batch: `TrainStep`, the object
+    `Trainer.train_step` runs, on a non-logging step (lr schedule, autocast forward, backward
+    with the NaN guard, clip, the one host sync that decides finiteness, AdamW, temperature
+    clamp, EMA, enqueue), without the loader. Logging steps (1 in run.log_every) add one
+    packed all-reduce: not timed."""
 
     def __init__(self, model: DualQueueMoCo, cfg: Config, ctx: Ctx):
-        self.model, self.cfg, self.ctx = model, cfg, ctx
-        # As the trainer: buffers broadcast only where they can differ (BatchNorm statistics).
-        self.query = _ddp(model.query, ctx, cfg, broadcast_buffers=has_batchnorm(model.query))
-        self.optimizer = _optimizer(model.query, cfg, ctx.device)
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.anchor = self.params[0]
-        self.dtype = _autocast_dtype(cfg, ctx.device)
+        self.model = model
+        self.train_step = TrainStep(model, cfg, ctx.device, ctx.world, ctx.local_rank)
+        self.dtype = self.train_step.autocast_dtype
+        self.world = ctx.world
         self.step = 0
         self.bad_steps = 0
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
-        cfg = self.cfg
-        lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        bn_before = self.model.query_bn_state()
-        with _autocast(self.ctx.device, self.dtype):
-            out = self.model(**batch, query=self.query, stats=False)
-        # The trainer's NaN guard: +0 when the loss is finite, else NaN into one trained
-        # scalar's gradient, which DDP's all-reduce spreads, so the ranks agree on skipping
-        # through the gradient norm without a collective of their own.
-        # (Indexed, not `.view(-1)[0]`: a channels-last conv weight has no flat view.)
-        guard = torch.where(torch.isfinite(out.loss.detach()), 0.0, float("nan")) * self.anchor[(0,) * self.anchor.ndim]
-        (out.loss + guard).backward()
-        if cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-        else:
-            grads = [p.grad.norm() for p in self.params if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack(grads))
-        if bool(torch.isfinite(grad_norm)):  # the step's one host sync
-            self.optimizer.step()
-            self.model.query.clamp_temperature()
-            m = cfg.model
-            self.model.momentum_update(momentum_at(self.step + 1, cfg.run.steps, m.momentum, m.momentum_schedule))
-            self.model.enqueue(out)
-        else:
-            self.model.load_query_bn_state(bn_before)
+        if not self.train_step(self.step, [batch], accum=1).finite:
             self.bad_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        shift = self.ctx.world * batch["sample_id"].shape[0]  # fresh ids and contents every step
+        shift = self.world * batch["sample_id"].shape[0]  # fresh ids and contents every step
         batch["sample_id"] += shift
         batch["fingerprints"] += shift
 
@@ -404,7 +344,7 @@ class OpenClipStep:
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         self.params = decay + no_decay
-        self.dtype = _autocast_dtype(cfg, ctx.device)
+        self.dtype = autocast_dtype(cfg.run.precision, ctx.device)
         self.clip = o.grad_clip
         self.bad_steps = 0
 
@@ -548,19 +488,15 @@ def run_ours(cfg: Config, vocab: int, ctx: Ctx, seconds: float, mode: str) -> di
     model = DualQueueMoCo(cfg.model, cfg.queue, vocab_size=vocab)
     if ctx.text_config_dir is not None and not (ctx.text_config_dir / "config.json").exists():
         model.query.text.backbone.config.save_pretrained(ctx.text_config_dir)  # for OpenCLIP's HF tower
-    channels_last = ctx.channels_last = _channels_last(cfg, model.query.image, ctx.device)
+    channels_last = ctx.channels_last = uses_channels_last(cfg.run.channels_last, model.query.image, ctx.device)
     model = model.to(ctx.device)
-    if channels_last:
-        for tower in (model.query.image, model.key.image if model.key is not None else None):
-            if tower is not None:
-                _to_channels_last(tower)
+    step = OurStep(model, cfg, ctx)  # channels-last weights, DDP, optimizer: as the trainer
     prefill_queues(model, ctx.device, cfg.run.seed)
     # The loader hands our towers uint8 pixels where the tower normalises on the device.
     uint8 = hasattr(model.query.image, "normalize")
     batch = synthetic_batch(cfg, cfg.data.batch_size, vocab, ctx.device, seed=1 + ctx.rank,
                             first_id=ctx.rank * cfg.data.batch_size, channels_last=channels_last, uint8_images=uint8)
     check = loss_check(model, batch, ctx.device)
-    step = OurStep(model, cfg, ctx)
     build_s = time.perf_counter() - t0
     res = time_steps(step, batch, ctx, seconds - build_s)
     res.update(status="ok", mode=mode, batch_per_gpu=cfg.data.batch_size, build_s=build_s,

@@ -17,7 +17,7 @@ from torch import nn
 from moco_mm import distributed as D
 from moco_mm.config import Config, ImageTowerConfig, ModelConfig, QueueConfig, TextTowerConfig
 from moco_mm.model import DualQueueMoCo, build_towers
-from moco_mm.train import build_optimizer
+from moco_mm.train import TrainStep
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -111,20 +111,18 @@ def make_batch(s: Sizes, seed: int, first_id: int) -> dict[str, torch.Tensor]:
 
 
 class OurStep:
-    """`queue_on` false: the CLIP mode (no key towers, no queue)."""
+    """Our trainer's step (`moco_mm.train.TrainStep`, what `Trainer.train_step` runs) on a
+    fixed batch. `queue_on` false: the CLIP mode (no key towers, no queue). `ddp`: the query
+    towers under DDP as the trainer wraps them (needs a process group)."""
 
     def __init__(self, s: Sizes, queue_on: bool, ddp: bool = False):
         torch.manual_seed(0)
-        cfg = model_config(s)
-        cfg.momentum_encoder = queue_on
-        self.model = DualQueueMoCo(cfg, QueueConfig(enabled=queue_on, size=s.queue))
-        self.query = self.model.query
-        if ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.query = DDP(self.model.query)  # as the trainer: only the query towers
-        self.optimizer = build_optimizer(self.model.query, Config())
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        cfg = Config(model=model_config(s), queue=QueueConfig(enabled=queue_on, size=s.queue))
+        cfg.model.momentum_encoder = queue_on
+        cfg.model.momentum_schedule = "constant"
+        self.model = DualQueueMoCo(cfg.model, cfg.queue)
+        self.train_step = TrainStep(self.model, cfg, torch.device("cpu"), D.world_size() if ddp else 1, 0)
+        self.step = 0
         if queue_on:
             # Time the steady state: a full queue (it fills after queue/global-batch steps).
             keys = F.normalize(torch.randn(s.queue, s.embed_dim), dim=1)
@@ -133,15 +131,8 @@ class OurStep:
             self.model.text_queue.enqueue(keys.flip(0), ids)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
-        self.model.momentum_update(MOMENTUM)
-        out = self.model(**batch, query=self.query)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        if bool(torch.isfinite(grad_norm)):  # the trainer's skip check (one host sync)
-            self.optimizer.step()
-            self.model.query.clamp_temperature()
-            self.model.enqueue(out)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.train_step(self.step, [batch], accum=1)
+        self.step += 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The training program: the Trainer, the checkpoint manager, run logging.
 
-    trainer.py     Trainer: the loop, accumulation, non-finite skip, eval
+    trainer.py     Trainer: the loop, data position, counters, logging, eval
+    step.py        TrainStep: one optimizer step (accumulation, non-finite skip, EMA, enqueue)
     cli.py         the program: parse, validate the config, join the process group, train
     checkpoint.py  atomic step directories, COMPLETE marker, rotation, RNG capture
     run_log.py     metrics.jsonl, the rank-0 progress bar, wandb
@@ -15,6 +16,8 @@ checks this.
 
 from moco_mm.train.checkpoint import CheckpointError, CheckpointManager
 from moco_mm.train.cli import main
-from moco_mm.train.trainer import Trainer, build_optimizer, lr_at
+from moco_mm.train.step import StepResult, TrainStep, build_optimizer, lr_at
+from moco_mm.train.trainer import Trainer
 
-__all__ = ["Trainer", "build_optimizer", "lr_at", "main", "CheckpointManager", "CheckpointError"]
+__all__ = ["Trainer", "TrainStep", "StepResult", "build_optimizer", "lr_at",
+           "main", "CheckpointManager", "CheckpointError"]

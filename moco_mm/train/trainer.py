@@ -5,32 +5,19 @@ nodes. `Trainer` owns everything stateful (model, optimizer, data position, coun
 the checkpoint manager saves and restores exactly that, so a run killed at any step and
 started again with the same command finishes bit-identical to one that never stopped.
 
-Gradient accumulation (`optim.accum_steps = A`): one optimizer step consumes A loader
-batches (micro-batches). The key towers are updated once, before the first micro-batch,
-so all A micro-batches see the same key towers. All A micro-batches also see the same
-queue (its state at the start of the step): their negatives are that queue plus their
-own gathered batch. Their gathered keys are enqueued after the optimizer step, in
-micro-batch order (and not at all when the step is skipped as non-finite). The
-temperature's gradient, like every other, is the mean of the A micro-batch gradients;
-the temperature is clamped once, after the optimizer step.
-
-With `model.momentum_encoder: false` (the CLIP objective) there is no EMA and no queue:
-each micro-batch's negatives are its own gathered batch, and its loss back-propagates
-through that gather into every rank's towers.
+The optimizer step itself (accumulation, the non-finite skip, EMA, enqueue) is `TrainStep`
+in step.py; the Trainer feeds it loader batches and owns logging, counters and checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moco_mm import distributed as D
 from moco_mm.config import Config, ConfigError, dump_config, queue_warnings, to_dict
@@ -44,9 +31,10 @@ from moco_mm.data import (
     steps_per_epoch,
 )
 from moco_mm.metrics import format_table, retrieval_metrics
-from moco_mm.model import DualQueueMoCo, has_batchnorm, load_tokenizer, momentum_at
+from moco_mm.model import DualQueueMoCo, load_tokenizer, momentum_at
 from moco_mm.train.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
 from moco_mm.train.run_log import MetricsLog, ProgressBar, WandbLogger
+from moco_mm.train.step import TrainStep
 
 log = logging.getLogger("moco_mm.train")
 
@@ -60,47 +48,6 @@ def rank_seed(seed: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warm-up to optim.lr over warmup_steps, then cosine to lr * min_lr_ratio."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(cfg.run.steps - o.warmup_steps, 1)
-    floor = o.lr * o.min_lr_ratio
-    return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def build_optimizer(query: torch.nn.Module, cfg, device: torch.device | None = None) -> torch.optim.AdamW:
-    """AdamW over trainable query parameters; no weight decay on biases, norms, embeddings
-    of position/class tokens and the temperature (ALBEF decays its temperature: a bug).
-
-    Fused (one kernel for all parameters, its step counters on the device: no host read of
-    them per step) where torch has it for the device: CUDA, and the CPU since torch 2.4."""
-    decay, no_decay = [], []
-    for name, p in query.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token", "log_temperature"))
-        (no_decay if skip else decay).append(p)
-    o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(groups, **kwargs)
-
-
-def _channels_last(setting: str, device: torch.device) -> bool:
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
-def _has_conv(module: torch.nn.Module) -> bool:
-    """A convolutional tower (ResNet, EfficientNet): a Conv2d that is not a ViT's patch
-    embedding (whose kernel equals its stride: a reshaped matmul, no spatial layout to keep)."""
-    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != m.stride for m in module.modules())
-
-
 @dataclass
 class Counters:
     """Run totals that survive a resume."""
@@ -111,18 +58,6 @@ class Counters:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-@dataclass
-class StepStats:
-    """Sums over the micro-batches of one optimizer step."""
-
-    loss: float = 0.0
-    loss_i2t: float = 0.0
-    loss_t2i: float = 0.0
-    pos_sim: float = 0.0
-    neg_sim: float = 0.0
-    data_s: float = 0.0
 
 
 class Trainer:
@@ -139,34 +74,10 @@ class Trainer:
         # made construction identical everywhere (the key towers are copies DDP never
         # broadcasts); left as it is, row j of every rank's batch would get the same mask.
         torch.manual_seed(rank_seed(cfg.run.seed, info.rank))  # CPU and every CUDA device
-        if _channels_last(cfg.run.channels_last, self.device) and _has_conv(self.model.query.image):
-            self.model.query.image.use_channels_last()
-            if self.model.key is not None:
-                self.model.key.image.use_channels_last()
-        if cfg.run.compile:
-            # Towers (and, in one process, the whole step: keys, gather, loss) compiled in
-            # place (state-dict names unchanged); under DDP dynamo splits the query at DDP's
-            # bucket boundaries by design.
-            for module in (self.model.query, self.model.key):
-                if module is not None:
-                    module.compile()
-        # Only the query towers (and temperature) are trained, so only they go into DDP:
-        # the key towers and queues are never broadcast (see model/dual_queue.py). Gradients
-        # live in the buckets (no second copy); buffers are broadcast only where they can
-        # differ between ranks (BatchNorm running statistics; BERT's constant position ids
-        # need no broadcast every step).
-        self.query = (DDP(self.model.query, device_ids=[info.local_rank] if self.device.type == "cuda" else None,
-                          gradient_as_bucket_view=True, broadcast_buffers=has_batchnorm(self.model.query),
-                          bucket_cap_mb=cfg.run.ddp_bucket_mb)
-                      if info.world_size > 1 else self.model.query)
-        self.query_fn = self.query
-        # In one process the whole step compiles as one graph (tests/test_compile.py).
-        self.step_fn = torch.compile(self.model) if cfg.run.compile and info.world_size == 1 else self.model
-        self.optimizer = build_optimizer(self.model.query, cfg, self.device)
-        # A trained scalar the NaN guard feeds (see _nan_guard): the first trained parameter.
-        self._guard_anchor = next(p for p in self.model.query.parameters() if p.requires_grad)
+        # Channels-last, compile, DDP over the query towers, fused AdamW, autocast: the step.
+        self.stepper = TrainStep(self.model, cfg, self.device, info.world_size, info.local_rank)
+        self.optimizer = self.stepper.optimizer
         self.pending_skipped = 0  # corrupt samples skipped on this rank since the last reduction
-        self.autocast_dtype = self._autocast_dtype()
 
         self.source = ShardSource.from_spec(cfg.data.train)
         self.batches_per_epoch = steps_per_epoch(
@@ -188,19 +99,6 @@ class Trainer:
         self.counters = Counters()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         self.last_eval: dict[str, float] = {}
-
-    def _autocast_dtype(self):
-        p = self.cfg.run.precision
-        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    # --- state -------------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every model tensor under stable names: query.*, key.*, image_queue.*, text_queue.*."""
@@ -341,70 +239,37 @@ class Trainer:
         """
         cfg = self.cfg
         accum = cfg.optim.accum_steps
-        lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        # The forward updates BatchNorm running statistics before anyone knows whether the
-        # step is finite: keep a copy to put back if it is not (a few KiB per tower).
-        bn_before = self.model.query_bn_state()
         alpha = self.distill_alpha()
-        acc = StepStats()
-        outs = []
-        for i in range(accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            acc.data_s += time.perf_counter() - t0
-            self.loader_state.update(batch)
-            self.pending_skipped += int(batch["n_skipped"])  # reduced over ranks on logging steps
-            inputs = {k: batch[k].to(self.device, non_blocking=True)
-                      for k in ("image", "input_ids", "attention_mask", "sample_id", "fingerprints") if k in batch}
-            # No gradient all-reduce until the last micro-batch.
-            sync = self.query.no_sync() if (isinstance(self.query, DDP) and i < accum - 1) else contextlib.nullcontext()
-            with sync:
-                with self._autocast():
-                    out = self.step_fn(**inputs, query=self.query_fn, distill_alpha=alpha, stats=stats)
-                (out.loss / accum + self._nan_guard(out.loss)).backward()
-            outs.append(out)
-            for name in ("loss", "loss_i2t", "loss_t2i", "pos_sim", "neg_sim"):
-                value = getattr(out, name)
-                if value is not None:
-                    setattr(acc, name, getattr(acc, name) + value.detach() / accum)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
-        # The gradient is all-reduced and the NaN guard puts any rank's non-finite loss into
-        # it, so this one value decides for every rank alike: the step's only host sync.
-        finite = bool(torch.isfinite(grad_norm))
-        m = momentum_at(self.step, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule)
-        if finite:
-            self.optimizer.step()
-            self.model.query.clamp_temperature()
-            # The EMA that MoCo runs before the next step's keys, run here so that a skipped
-            # step cannot move the key towers (same trajectory: key(t+1) is computed from
-            # the query after step t, with the momentum of step t+1).
-            self.model.momentum_update(
-                momentum_at(self.step + 1, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule))
-            for out in outs:
-                self.model.enqueue(out)
+        data_s = 0.0
+
+        def micro_batches():
+            nonlocal data_s
+            for _ in range(accum):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                data_s += time.perf_counter() - t0
+                self.loader_state.update(batch)
+                self.pending_skipped += int(batch["n_skipped"])  # reduced over ranks on logging steps
+                yield {k: batch[k].to(self.device, non_blocking=True)
+                       for k in ("image", "input_ids", "attention_mask", "sample_id", "fingerprints") if k in batch}
+
+        r = self.stepper(self.step, micro_batches(), accum=accum, distill_alpha=alpha, stats=stats)
+        if r.finite:
             self.counters.consecutive_bad = 0
         else:
-            self.model.load_query_bn_state(bn_before)
             self.counters.bad_steps += 1
             self.counters.consecutive_bad += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        m = momentum_at(self.step, cfg.run.steps, cfg.model.momentum, cfg.model.momentum_schedule)
         self.step += 1
-        result = {"finite": finite, "data_s": acc.data_s}
+        result = {"finite": r.finite, "data_s": data_s}
         if not stats:
             return result
         # Logging step: everything reduced in one packed all-reduce, read back at once.
-        neg = acc.neg_sim if torch.is_tensor(acc.neg_sim) else torch.tensor(float("nan"))
+        neg = r.neg_sim if torch.is_tensor(r.neg_sim) else torch.tensor(float("nan"))
         local = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
-                             for v in (acc.loss, acc.loss_i2t, acc.loss_t2i, acc.pos_sim, neg)]
+                             for v in (r.loss, r.loss_i2t, r.loss_t2i, r.pos_sim, neg)]
                             + [torch.tensor(float(self.pending_skipped), device=self.device),
-                               self.model.query.temperature().detach().float(), grad_norm.detach().float()]
+                               self.model.query.temperature().detach().float(), r.grad_norm.detach().float()]
                             + [p.detach().float() for p in self.model.query.loss_scalars.values()])
         total = D.all_reduce_sum(local).tolist()
         w = self.info.world_size
@@ -412,7 +277,7 @@ class Trainer:
         self.counters.skipped_samples += int(round(total[5]))
         self.pending_skipped = 0
         result.update({
-            "loss": loss, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "lr": lr,
+            "loss": loss, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "lr": r.lr,
             **({"momentum": m} if self.model.has_key_towers else {}),
             "temperature": total[6] / w, "grad_norm": total[7] / w, "pos_sim": pos_sim, "neg_sim": neg_sim,
             "queue_fill": len(self.model.image_queue) / max(self.model.image_queue.size, 1),
@@ -422,14 +287,6 @@ class Trainer:
         for j, name in enumerate(self.model.query.loss_scalars):
             result[f"loss/{name}"] = total[8 + j] / w
         return result
-
-    def _nan_guard(self, loss: torch.Tensor) -> torch.Tensor:
-        """0 when `loss` is finite, NaN times a trained scalar otherwise: added to the loss
-        before backward, it makes that scalar's gradient NaN on this rank, DDP's all-reduce
-        spreads it to every rank and the gradient norm turns non-finite everywhere — so the
-        ranks agree to skip without a collective of their own. Exact when finite (+0.0)."""
-        bad = torch.where(torch.isfinite(loss.detach()), 0.0, float("nan"))
-        return bad * self._guard_anchor[(0,) * self._guard_anchor.ndim]  # an element; any memory layout
 
     def flush_counters(self) -> None:
         """Add every rank's skipped samples not yet counted (collective: all ranks)."""
@@ -452,7 +309,7 @@ class Trainer:
                     ShardSource.from_spec(cfg.data.val), batch_size=cfg.data.batch_size,
                     transform=self.eval_transform, tokenizer=self.tokenizer,
                     max_length=cfg.model.text.max_length, max_samples=cfg.eval.max_samples):
-                with self._autocast():
+                with self.stepper.autocast():
                     imgs.append(q.image(batch["image"].to(self.device)).float().cpu())
                     txts.append(q.text(batch["input_ids"].to(self.device),
                                        batch["attention_mask"].to(self.device)).float().cpu())

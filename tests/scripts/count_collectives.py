@@ -50,5 +50,6 @@ trainer.train_step(it, stats=True)
 logging = dict(counts)
 if info.is_main:
     with open(args.out, "w") as f:
-        json.dump({"plain": plain, "logging": logging}, f)
+        json.dump({"plain": plain, "logging": logging,
+                   "static_graph": bool(getattr(trainer.stepper.query, "static_graph", None))}, f)
 D.shutdown()
