@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from moco_mm.bench.systems import MOMENTUM, OurStep, Sizes, make_batch
 from moco_mm.model.dual_queue import _meta
-from moco_mm.model.losses import OBJECTIVES
+from moco_mm.model.losses import OBJECTIVES, excluded
 
 # ---------------------------------------------------------------------------------------
 # Components
@@ -46,7 +46,7 @@ class Components:
         self.q_img, self.q_txt = q_img.clone().requires_grad_(), q_txt.clone().requires_grad_()
         self.temp = torch.tensor(0.07, requires_grad=True)
         self.ids = batch["sample_id"]
-        self.q_meta = m.query_meta(meta)
+        self.meta, self.q_meta = meta, m.query_meta(meta)
         # The reference keeps its queues as [D, K] buffers.
         self.ref_img_queue = m.image_queue.features.t().contiguous()
         self.ref_txt_queue = m.text_queue.features.t().contiguous()
@@ -64,19 +64,19 @@ class Components:
     def loss_ours(self) -> None:
         """Both directions of our loss over [gathered batch ; queue], forward + backward."""
         m, (k_img, k_txt, all_img, all_txt, all_meta) = self.model, self.keys
-        neg_txt, neg_txt_meta = m._negatives(m.text_queue, all_txt, all_meta)
-        neg_img, neg_img_meta = m._negatives(m.image_queue, all_img, all_meta)
-        loss = (m.loss_fn(self.q_img, k_txt, neg_txt, self.temp, self.q_meta, neg_txt_meta)
-                + m.loss_fn(self.q_txt, k_img, neg_img, self.temp, self.q_meta, neg_img_meta))
-        loss.backward()
+        loss_i2t, loss_t2i, _ = m.losses(self.q_img, self.q_txt, k_img, k_txt, all_img, all_txt, all_meta,
+                                         self.meta, self.temp)
+        (loss_i2t + loss_t2i).backward()
 
     def loss_ours_batch(self) -> None:
         """Our loss over the gathered batch alone: `loss_ours` minus this is what scoring
         the queue rows costs, the one thing (a) adds to the CLIP step besides the key
         towers' forward (and the EMA)."""
         m, (k_img, k_txt, all_img, all_txt, all_meta) = self.model, self.keys
-        loss = (m.loss_fn(self.q_img, k_txt, all_txt, self.temp, self.q_meta, all_meta)
-                + m.loss_fn(self.q_txt, k_img, all_img, self.temp, self.q_meta, all_meta))
+        neg_keys = m.query_meta(all_meta)
+        mask = excluded(self.q_meta, neg_keys)  # as the model: one mask for both directions
+        loss = (m.loss_fn(self.q_img, k_txt, all_txt, self.temp, self.q_meta, neg_keys, mask=mask)
+                + m.loss_fn(self.q_txt, k_img, all_img, self.temp, self.q_meta, neg_keys, mask=mask))
         loss.backward()
 
     def loss_objective(self, name: str) -> Callable[[], None]:
@@ -89,12 +89,14 @@ class Components:
         scalars = {n: torch.tensor(float(init), requires_grad=True) for n, init in objective.learnt}
         fn = partial(objective.fn, **objective.hyper_parameters(), **scalars)
         m, (k_img, k_txt, all_img, all_txt, all_meta) = self.model, self.keys
-        neg_txt, neg_txt_meta = m._negatives(m.text_queue, all_txt, all_meta)
-        neg_img, neg_img_meta = m._negatives(m.image_queue, all_img, all_meta)
+        neg_txt, neg_meta = m._negatives(m.text_queue, all_txt, all_meta)
+        neg_img, _ = m._negatives(m.image_queue, all_img, all_meta)
+        neg_keys = m.query_meta(neg_meta)
 
         def run() -> None:
-            loss = (fn(self.q_img, k_txt, neg_txt, self.temp, self.q_meta, neg_txt_meta)
-                    + fn(self.q_txt, k_img, neg_img, self.temp, self.q_meta, neg_img_meta))
+            mask = excluded(self.q_meta, neg_keys)  # as the model: one mask for both directions
+            loss = (fn(self.q_img, k_txt, neg_txt, self.temp, self.q_meta, neg_keys, mask=mask)
+                    + fn(self.q_txt, k_img, neg_img, self.temp, self.q_meta, neg_keys, mask=mask))
             loss.backward()
 
         return run

@@ -301,17 +301,8 @@ class DualQueueMoCo(nn.Module):
                                                  q_img.shape[1])
         else:
             k_img, k_txt, all_img, all_txt, all_meta = self.compute_keys(image, input_ids, attention_mask, meta)
-        neg_txt, neg_meta = self._negatives(self.text_queue, all_txt, all_meta)
-        neg_img, _ = self._negatives(self.image_queue, all_img, all_meta)  # same rows, same meta
-        q_meta, neg_keys = self.query_meta(meta), self.query_meta(neg_meta)
-        # Both directions see the same rows with the same meta: one exclusion mask for both.
-        mask = excluded(q_meta, neg_keys)
-        kw = dict(grad_keys=self.key is None, mask=mask, **scalars)
-        distill = self.key is not None and distill_alpha > 0
-        loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, q_meta, neg_keys, **kw,
-                                **(dict(teacher=k_img, alpha=distill_alpha) if distill else {}))
-        loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, q_meta, neg_keys, **kw,
-                                **(dict(teacher=k_txt, alpha=distill_alpha) if distill else {}))
+        loss_i2t, loss_t2i, (neg_img, neg_txt, q_meta, neg_keys, mask) = self.losses(
+            q_img, q_txt, k_img, k_txt, all_img, all_txt, all_meta, meta, temperature, scalars, distill_alpha)
         with torch.no_grad():
             pos_sim = 0.5 * (torch.linalg.vecdot(q_img.float(), k_txt.float()).mean()
                              + torch.linalg.vecdot(q_txt.float(), k_img.float()).mean())
@@ -324,6 +315,28 @@ class DualQueueMoCo(nn.Module):
             temperature=temperature.detach(), keys_img=all_img.detach(), keys_txt=all_txt.detach(),
             key_ids=all_meta[:, 0], key_fingerprints=all_meta[:, 1:], pos_sim=pos_sim, neg_sim=neg_sim,
         )
+
+    def losses(self, q_img, q_txt, k_img, k_txt, all_img, all_txt, all_meta, meta, temperature,
+               scalars: dict | None = None, distill_alpha: float = 0.0):
+        """Both directions' objective over [gathered batch ; queue] (`model.in_batch_negatives`).
+
+        q_img, q_txt [B, D] queries; k_img, k_txt [B, D] their positives; all_img, all_txt
+        [W*B, D] and all_meta [W*B, 4] the gathered keys; meta [B, 4] the queries' own.
+        Both directions score the same rows with the same meta, so ONE exclusion mask
+        [B, N] serves both. Returns (loss_i2t, loss_t2i, (neg_img, neg_txt, q_meta,
+        neg_keys, mask)), the last for statistics over the same negatives.
+        """
+        neg_txt, neg_meta = self._negatives(self.text_queue, all_txt, all_meta)
+        neg_img, _ = self._negatives(self.image_queue, all_img, all_meta)  # same rows, same meta
+        q_meta, neg_keys = self.query_meta(meta), self.query_meta(neg_meta)
+        mask = excluded(q_meta, neg_keys)
+        kw = dict(grad_keys=self.key is None, mask=mask, **(scalars or {}))
+        distill = self.key is not None and distill_alpha > 0
+        loss_i2t = self.loss_fn(q_img, k_txt, neg_txt, temperature, q_meta, neg_keys, **kw,
+                                **(dict(teacher=k_img, alpha=distill_alpha) if distill else {}))
+        loss_t2i = self.loss_fn(q_txt, k_img, neg_img, temperature, q_meta, neg_keys, **kw,
+                                **(dict(teacher=k_txt, alpha=distill_alpha) if distill else {}))
+        return loss_i2t, loss_t2i, (neg_img, neg_txt, q_meta, neg_keys, mask)
 
     def query_meta(self, meta: torch.Tensor) -> torch.Tensor:
         """The exclusion keys of meta rows [n, 4] -> [n, F]: the id, the fingerprints

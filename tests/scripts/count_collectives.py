@@ -3,16 +3,14 @@ its steps issue through torch.distributed's Python API (DDP's gradient all-reduc
 its C++ reducer and is not counted; its buffer broadcast goes through
 `dist._broadcast_coalesced` and is). Rank 0 writes {"plain": ..., "logging": ...}."""
 
-import argparse
 import collections
 import functools
 import json
 
 import torch.distributed as dist
+from script_trainer import trainer_from_args
 
 from moco_mm import distributed as D
-from moco_mm.config import load_config
-from moco_mm.train import Trainer
 
 KINDS = {"all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather", "all_gather": "all_gather",
          "all_reduce": "all_reduce", "broadcast": "broadcast", "_broadcast_coalesced": "broadcast",
@@ -29,12 +27,7 @@ def counted(fn, kind):
     return wrapper
 
 
-p = argparse.ArgumentParser()
-p.add_argument("--config", required=True)
-p.add_argument("--out", required=True)
-args = p.parse_args()
-info = D.init_distributed("cpu")
-trainer = Trainer(load_config(args.config, world_size=info.world_size), info)
+trainer, info, args = trainer_from_args()
 accum = trainer.cfg.optim.accum_steps
 batches = [b for _, b in zip(range(6 * accum), trainer._batches())]
 it = iter(batches)

@@ -2,22 +2,14 @@
 on every rank in train and in eval mode, and write from rank 0 whether the ranks' weights
 and outputs are equal."""
 
-import argparse
 import json
 
 import torch
+from script_trainer import trainer_from_args
 
 from moco_mm import distributed as D
-from moco_mm.config import load_config
-from moco_mm.train import Trainer
 
-p = argparse.ArgumentParser()
-p.add_argument("--config", required=True)
-p.add_argument("--out", required=True)
-args = p.parse_args()
-
-info = D.init_distributed("cpu")
-trainer = Trainer(load_config(args.config, world_size=info.world_size), info)
+trainer, info, args = trainer_from_args()
 model = trainer.model
 g = torch.Generator().manual_seed(123)  # the same input on every rank
 size = trainer.cfg.model.image.image_size
