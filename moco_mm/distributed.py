@@ -192,3 +192,17 @@ def gather_objects(obj) -> list:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def ddp_buffer_sync(sync: bool) -> dict:
+    """DDP keyword for whether buffers are re-broadcast from rank 0 before every forward:
+    `forward_sync_buffers` where torch has it (newer releases deprecate `broadcast_buffers`
+    and warn on every construction), `broadcast_buffers` before. Either way DDP still
+    broadcasts parameters and buffers once at construction, which is what we rely on."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": sync}
+    return {"broadcast_buffers": sync}

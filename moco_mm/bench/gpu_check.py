@@ -273,7 +273,7 @@ def _ddp(module: nn.Module, ctx: Ctx, cfg: Config, broadcast_buffers: bool = Tru
 
     # Buckets double as .grad (no second fp32 copy of the gradients).
     return DDP(module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-               gradient_as_bucket_view=True, broadcast_buffers=broadcast_buffers,
+               gradient_as_bucket_view=True, **D.ddp_buffer_sync(broadcast_buffers),
                bucket_cap_mb=getattr(cfg.run, "ddp_bucket_mb", 25))
 
 

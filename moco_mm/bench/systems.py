@@ -265,7 +265,7 @@ class RefStep:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # MoCo's way: the whole model, key towers and queue buffers included.
-            self.forward_model = DDP(self.model, broadcast_buffers=True)
+            self.forward_model = DDP(self.model, **D.ddp_buffer_sync(True))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # Same optimizer work as ours: AdamW over the same trained tensors.
         decay = [p for p in self.params if p.ndim >= 2]

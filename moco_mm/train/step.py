@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from moco_mm import distributed as D
 from moco_mm.config import Config
 from moco_mm.model import DualQueueMoCo, has_batchnorm, momentum_at
 
@@ -133,7 +134,7 @@ class TrainStep:
         # not under compile, where dynamo's DDPOptimizer splits the graph at the buckets.
         static = cfg.optim.accum_steps == 1 and not cfg.run.compile
         self.query = (DDP(model.query, device_ids=[local_rank] if device.type == "cuda" else None,
-                          gradient_as_bucket_view=True, broadcast_buffers=has_batchnorm(model.query),
+                          gradient_as_bucket_view=True, **D.ddp_buffer_sync(has_batchnorm(model.query)),
                           bucket_cap_mb=cfg.run.ddp_bucket_mb, static_graph=static)
                       if world_size > 1 else model.query)
         self.forward = torch.compile(model) if cfg.run.compile and world_size == 1 else model
