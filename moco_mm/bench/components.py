@@ -90,7 +90,7 @@ class Components:
         fn = partial(objective.fn, **objective.hyper_parameters(), **scalars)
         m, (k_img, k_txt, all_img, all_txt, all_meta) = self.model, self.keys
         neg_txt, neg_meta = m._negatives(m.text_queue, all_txt, all_meta)
-        neg_img, _ = m._negatives(m.image_queue, all_img, all_meta)
+        neg_img, _ = m._negatives(m.image_queue, all_img, None)
         neg_keys = m.query_meta(neg_meta)
 
         def run() -> None:

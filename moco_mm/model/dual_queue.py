@@ -327,7 +327,8 @@ class DualQueueMoCo(nn.Module):
         neg_keys, mask)), the last for statistics over the same negatives.
         """
         neg_txt, neg_meta = self._negatives(self.text_queue, all_txt, all_meta)
-        neg_img, _ = self._negatives(self.image_queue, all_img, all_meta)  # same rows, same meta
+        # Both queues hold the same meta in the same rows (enqueued together): build it once.
+        neg_img, _ = self._negatives(self.image_queue, all_img, None)
         q_meta, neg_keys = self.query_meta(meta), self.query_meta(neg_meta)
         mask = excluded(q_meta, neg_keys)
         kw = dict(grad_keys=self.key is None, mask=mask, **(scalars or {}))
@@ -343,9 +344,10 @@ class DualQueueMoCo(nn.Module):
         `model.mask_duplicates` turns on, the group (`exclusion_columns`)."""
         return meta[:, self.exclusion_columns]
 
-    def _negatives(self, queue: FeatureQueue, batch_keys: torch.Tensor, batch_meta: torch.Tensor):
-        """[gathered batch keys ; written queue rows] (float32) and their meta [N, 4]."""
-        queue_meta = torch.cat([queue.ids.view(-1, 1), queue.fingerprints], dim=1)
+    def _negatives(self, queue: FeatureQueue, batch_keys: torch.Tensor, batch_meta: torch.Tensor | None):
+        """[gathered batch keys ; written queue rows] (float32) and their meta [N, 4]
+        (None when batch_meta is None: the caller has it from the other queue)."""
+        queue_meta = None if batch_meta is None else torch.cat([queue.ids.view(-1, 1), queue.fingerprints], dim=1)
         return negative_bank(batch_keys, batch_meta, queue.features, queue_meta, self.cfg.in_batch_negatives)
 
     @torch.no_grad()
@@ -358,12 +360,14 @@ class DualQueueMoCo(nn.Module):
 def negative_bank(batch_keys: torch.Tensor, batch_ids: torch.Tensor, queue_rows: torch.Tensor,
                   queue_ids: torch.Tensor, in_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One direction's negatives [N, D] (float32) and ids [N] or meta [N, F]: the gathered
-    batch keys (when `in_batch`) followed by the queue rows. The memory planner traces this too."""
+    batch keys (when `in_batch`) followed by the queue rows; batch_ids None: no ids built
+    (None returned). The memory planner traces this too."""
     if not in_batch:
         return queue_rows.float(), queue_ids
     if queue_rows.shape[0] == 0:  # no copy: in the CLIP mode the gathered rows carry gradients
         return batch_keys, batch_ids
-    return torch.cat([batch_keys, queue_rows.float()]), torch.cat([batch_ids, queue_ids])
+    ids = None if batch_ids is None else torch.cat([batch_ids, queue_ids])
+    return torch.cat([batch_keys, queue_rows.float()]), ids
 
 
 N_FINGERPRINTS = 3  # caption text, image, group

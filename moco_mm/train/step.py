@@ -15,8 +15,8 @@ keys in order. When not finite, nothing changes (the forward's BatchNorm statist
 back).
 
 Gradient accumulation (`optim.accum_steps = A`): one optimizer step consumes A loader
-batches (micro-batches). The key towers are updated once, before the first micro-batch,
-so all A micro-batches see the same key towers. All A micro-batches also see the same
+batches (micro-batches). The key towers are updated once per optimizer step (after it,
+as above), so all A micro-batches of a step see the same key towers. All A micro-batches also see the same
 queue (its state at the start of the step): their negatives are that queue plus their
 own gathered batch. Their gathered keys are enqueued after the optimizer step, in
 micro-batch order (and not at all when the step is skipped as non-finite). The
