@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from moco_mm.data import demo
+from moco_mm.data import demo, karpathy
 from moco_mm.data import make_shards as shards
 
 MAKE_SHARDS_USAGE = """Write webdataset shards from a CSV/TSV, a JSONL file or a folder of images + .txt captions.
@@ -22,7 +22,16 @@ optional `group` column (CSV/TSV) or field (JSONL: a string or an integer) names
 must never be each other's negatives, e.g. the search query behind a click. Every sample's
 KEY.json records `image_fp`, the fingerprint of its stored pixels, and its `group`. Bad rows are skipped and listed
 in DIR/manifest.json (`skipped_rows`); the exit status is 0 unless the input as a whole is
-unusable (2)."""
+unusable (2).
+
+    moco-mm make-shards dataset_coco.json --format coco-karpathy --images COCO_DIR --out coco/
+    moco-mm make-shards dataset_flickr30k.json --format flickr30k-karpathy --images flickr30k-images --out f30k/
+
+The Karpathy split files (COCO: images at COCO_DIR/<filepath>/<filename>, e.g. val2014/...;
+Flickr30k: at IMAGES/<filename>) become OUT/train (restval folded in), OUT/val and OUT/test
+(--splits picks some), one sample per image with its first 5 `raw` sentences; missing
+images are skipped and listed. The test manifest records the evaluation protocol
+(coco-5k-1k / flickr-1k) that `moco-mm eval-retrieval` then reports."""
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -43,8 +52,15 @@ def make_shards_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="moco-mm make-shards", description=MAKE_SHARDS_USAGE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="CSV/TSV (columns image, caption[, group]), JSONL (image, caption[, group]) "
-                                          "or a folder")
-    ap.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json")
+                                          "or a folder; with --format *-karpathy the split JSON")
+    ap.add_argument("--format", choices=("pairs", *karpathy.FORMATS), default="pairs",
+                    help="pairs (default): CSV/TSV/JSONL/folder; coco-karpathy / flickr30k-karpathy: "
+                         "dataset_coco.json / dataset_flickr30k.json -> OUT/train, OUT/val, OUT/test")
+    ap.add_argument("--images", default=None, help="Karpathy formats: the image folder (default: the JSON's folder)")
+    ap.add_argument("--splits", default=",".join(karpathy.SPLITS),
+                    help="Karpathy formats: comma-separated splits to write (default train,val,test)")
+    ap.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json "
+                                                 "(Karpathy formats: one sub-folder per split)")
     ap.add_argument("--samples-per-shard", type=int, default=1000, help="0: no count limit")
     ap.add_argument("--max-shard-bytes", type=parse_bytes, default=0, help="e.g. 1G; 0: no size limit")
     ap.add_argument("--max-size", type=int, default=0, help="shrink the long side to this many pixels; 0: keep")
@@ -55,6 +71,10 @@ def make_shards_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.format != "pairs":
+        return _karpathy_main(args)
+    if args.images is not None:
+        ap.error("--images is for --format coco-karpathy / flickr30k-karpathy")
     try:
         manifest = shards.make_shards(
             args.input, args.out,
@@ -70,6 +90,27 @@ def make_shards_main(argv: list[str] | None = None) -> int:
         merged = f"; merged {manifest['merged_rows']} rows into the sample of an earlier row naming the same image"
     print(f"make_shards: wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to "
           f"{args.out}{merged}; skipped {manifest['skipped']} (reasons in {Path(args.out) / shards.MANIFEST})")
+    return 0
+
+
+def _karpathy_main(args: argparse.Namespace) -> int:
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    try:
+        manifests = karpathy.make_karpathy_shards(
+            args.input, args.out, args.format, images=args.images, splits=splits,
+            samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+            max_size=args.max_size, jpeg_quality=args.jpeg_quality, workers=args.workers,
+            id_offset=args.id_offset, progress=not args.no_progress, overwrite=args.overwrite,
+        )
+    except (shards.InputError, FileExistsError, ValueError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    for split, m in manifests.items():
+        k = m["karpathy"]
+        print(f"make_shards: {split} ({'+'.join(k['json_splits'])}): wrote {m['samples']} images, "
+              f"{k['captions_listed']} captions listed, in {len(m['shards'])} shards to {Path(args.out) / split}; "
+              f"skipped {m['skipped']} of {k['images_listed']} (reasons in its {shards.MANIFEST}); "
+              f"eval protocol {m['eval_protocol']}")
     return 0
 
 

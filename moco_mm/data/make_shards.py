@@ -87,6 +87,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Lossless sources are re-encoded losslessly.
 _LOSSLESS_FORMATS = {"PNG", "GIF", "BMP", "TIFF", "PPM", "TGA"}
+# The keys write_shards itself writes into manifest.json.
+_MANIFEST_KEYS = frozenset({"format", "input", "shards", "shard_samples", "shard_bytes", "samples", "rows",
+                            "merged_rows", "skipped", "skipped_rows", "id_offset", "options"})
 # tarfile pads the archive to a multiple of this; counted when budgeting max_shard_bytes.
 _TAR_TAIL = tarfile.RECORDSIZE
 
@@ -180,7 +183,9 @@ def read_rows(path: str | Path) -> list[Row]:
         return _rows_from_csv(p, delimiter="\t" if suffix == ".tsv" else ",")
     if suffix in (".jsonl", ".ndjson"):
         return _rows_from_jsonl(p)
-    raise InputError(f"{p}: unknown input kind {suffix!r}; expected .csv, .tsv, .jsonl or a folder")
+    hint = ("; a Karpathy-split dataset_coco.json / dataset_flickr30k.json needs --format coco-karpathy or "
+            "flickr30k-karpathy (moco_mm.data.karpathy)") if suffix == ".json" else ""
+    raise InputError(f"{p}: unknown input kind {suffix!r}; expected .csv, .tsv, .jsonl or a folder{hint}")
 
 
 def _rows_from_csv(path: Path, delimiter: str) -> list[Row]:
@@ -587,16 +592,22 @@ def write_shards(
     progress: bool = False,
     overwrite: bool = False,
     input_label: str = "",
+    manifest_extra: dict | None = None,
 ) -> dict:
     """Merge `rows` by image (`plan_samples`), encode the images (in `workers` processes;
     0: in this process) and write shards + manifest.
 
     Returns the manifest (also written to `out_dir/manifest.json`, last, atomically).
     `input_label` is recorded as the manifest's `input` (keep it free of temporary paths
-    when byte-identical manifests matter).
+    when byte-identical manifests matter). `manifest_extra` adds keys to the manifest (a
+    format reader's metadata, e.g. karpathy.py's `karpathy` and `eval_protocol`); it may not
+    replace the keys written here.
     """
     if id_offset < 0:
         raise ValueError(f"id_offset must be >= 0, got {id_offset}")
+    clash = sorted(set(manifest_extra or ()) & _MANIFEST_KEYS)
+    if clash:
+        raise ValueError(f"manifest_extra may not replace the manifest's own keys {clash}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out, overwrite)
@@ -636,6 +647,7 @@ def write_shards(
         "options": {"samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
                     "max_size": max_size, "jpeg_quality": jpeg_quality},
     }
+    manifest.update(manifest_extra or {})
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / MANIFEST)
