@@ -57,6 +57,9 @@ def main(argv=None) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # other ranks stay quiet
     try:
         Trainer(cfg, info).train()
+    except ConfigError as e:  # what only the data can tell (eval.zeroshot.data against its classes, ...)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     finally:
         D.shutdown()
     return 0
