@@ -15,11 +15,14 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("moco_mm.train.cli:main", "pretrain or fine-tune (also under torchrun); --help lists every config key"),
     "demo-data": ("moco_mm.data.cli:demo_data_main", "build the procedural demo shards and tokenizer"),
-    "make-shards": ("moco_mm.data.cli:make_shards_main", "CSV/TSV/JSONL/image folder -> webdataset shards + manifest"),
+    "make-shards": ("moco_mm.data.cli:make_shards_main", "CSV/TSV/JSONL/folder/Karpathy COCO, Flickr30k -> shards"),
+    "init-clip": ("moco_mm.model.cli:init_clip_main", "write a random-init OpenCLIP model directory (model.init_from)"),
     "plan-memory": ("moco_mm.plan.cli:main", "will this config fit the GPU? peak memory per part, largest batch"),
     "export": ("moco_mm.search.cli:export_main", "a run's towers -> a self-contained export (+ verified ONNX)"),
     "search": ("moco_mm.search.cli:search_main", "build a FAISS index of a corpus, or query one"),
-    "eval-retrieval": ("moco_mm.search.cli:eval_retrieval_main", "R@1/5/10 and median rank of an export, both ways"),
+    "eval-retrieval": ("moco_mm.search.cli:eval_retrieval_main", "R@1/5/10, medr, rsum both ways; COCO 5k+1k, F30k 1k"),
+    "eval-zeroshot": ("moco_mm.search.zeroshot:main", "zero-shot top-1/top-5/per-class accuracy of an export "
+                                                      "(CLIP's prompt ensemble)"),
     "bench": ("moco_mm.bench.step:main", "our step against OpenCLIP and the MoCo/ALBEF style (ratios)"),
     "bench-loader": ("moco_mm.bench.loader:main", "loader samples/s by worker count"),
     "compare-objectives": ("moco_mm.bench.compare:main", "every objective, queue/distillation/dedup on and off, CLIP"),

@@ -91,6 +91,12 @@ class TextTowerConfig:
 
 @dataclass
 class ModelConfig:
+    init_from: str = opt("", "start from a CLIP: a directory saved by OpenCLIP (open_clip_config.json) or "
+                             "Hugging Face (CLIPModel / VisionTextDualEncoderModel), open_clip:MODEL_NAME with "
+                             "model.init_checkpoint, or hf-hub:ORG/REPO from the local cache. It sets both towers "
+                             "and projections, embed_dim, image_size, preprocessing, the tokenizer and the "
+                             "temperature (image/text names, head and kwargs are then unused)")
+    init_checkpoint: str = opt("", "with init_from open_clip:MODEL_NAME: its weights file (.safetensors/.bin/.pt)")
     image: ImageTowerConfig = section(ImageTowerConfig, "the image tower")
     text: TextTowerConfig = section(TextTowerConfig, "the text tower")
     embed_dim: int = opt(256, "shared embedding dimension of both heads")
@@ -165,9 +171,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    # CLIP's prompt-ensemble protocol, the same code as `moco-mm eval-zeroshot` (README).
+    data: str = opt("", "labelled images: an image folder (one sub-folder per class) or shards with KEY.cls or "
+                        "'label' in KEY.json; empty: no zero-shot eval")
+    classes: str = opt("", "classes file: one class name per line in sorted sub-folder order, or FOLDER<TAB>name")
+    templates: str = opt("", "templates file, one per line with {} for the class name; empty: CLIP's 7 ImageNet "
+                             "templates")
+
+
+@dataclass
 class EvalConfig:
     every: int = opt(0, "steps between held-out evaluations; 0 disables")
     max_samples: int = opt(1000, "held-out samples used")
+    zeroshot: ZeroShotConfig = section(ZeroShotConfig, "zero-shot classification at eval.every (logged as "
+                                                       "eval/zeroshot_top1, _top5, _mean_per_class)")
 
 
 @dataclass
@@ -186,7 +204,7 @@ class Config:
     data: DataConfig = section(DataConfig, "shards, batch, loader")
     optim: OptimConfig = section(OptimConfig, "AdamW, schedule, clipping, accumulation")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "saving and resuming")
-    eval: EvalConfig = section(EvalConfig, "held-out retrieval during training")
+    eval: EvalConfig = section(EvalConfig, "held-out retrieval and zero-shot classification during training")
     logging: LoggingConfig = section(LoggingConfig, "wandb and the progress bar")
 
     def validate(self, world_size: int = 1) -> "Config":
@@ -226,6 +244,7 @@ class Config:
         _positive("checkpoint.keep", self.checkpoint.keep)
         _non_negative("eval.every", self.eval.every)
         _positive("eval.max_samples", self.eval.max_samples)
+        validate_zeroshot(self.eval)
         global_batch = self.data.batch_size * world_size
         if self.queue.enabled and not self.model.in_batch_negatives and self.queue.size < global_batch:
             raise ConfigError(
@@ -233,8 +252,9 @@ class Config:
                 f"negatives and must hold at least one global batch ({global_batch} = "
                 f"data.batch_size {self.data.batch_size} x world size {world_size}), got {self.queue.size}"
             )
-        if self.eval.every and not self.data.val:
-            raise ConfigError("data.val: eval.every is set but no held-out shards are given")
+        if self.eval.every and not self.data.val and not self.eval.zeroshot.data:
+            raise ConfigError("data.val: eval.every is set but no held-out shards are given (nor "
+                              "eval.zeroshot.data)")
         return self
 
 
@@ -277,10 +297,41 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.distill_warmup_steps: -1 (one epoch) or a count >= 0, got {m.distill_warmup_steps}")
     _positive("model.image.image_size", m.image.image_size)
     _positive("model.text.max_length", m.text.max_length)
+    if m.init_checkpoint and not m.init_from.startswith("open_clip:"):
+        raise ConfigError("model.init_checkpoint: only used with model.init_from: open_clip:MODEL_NAME "
+                          f"(init_from is {m.init_from!r}; a directory or hf-hub: source holds its weights)")
+    if m.init_from.startswith("open_clip:") and not m.init_checkpoint:
+        raise ConfigError(f"model.init_checkpoint: model.init_from {m.init_from!r} names an OpenCLIP architecture; "
+                          "give its weights file (nothing is downloaded), or point init_from at a directory")
     for key, n in (("model.image.trainable_blocks", m.image.trainable_blocks),
                    ("model.text.trainable_blocks", m.text.trainable_blocks)):
         if n < -1:
             raise ConfigError(f"{key}: -1 (all) or a count >= 0, got {n}")
+
+
+def validate_zeroshot(e: EvalConfig) -> None:
+    """eval.zeroshot: the classes and templates files are read and checked here (errors name
+    the key, the file and the line); the data is checked against the classes when the
+    trainer starts, before the model is built."""
+    z = e.zeroshot
+    if not z.data:
+        for key, value in (("classes", z.classes), ("templates", z.templates)):
+            if value:
+                raise ConfigError(f"eval.zeroshot.{key}: set, but eval.zeroshot.data (the labelled images) is not")
+        return
+    if not z.classes:
+        raise ConfigError("eval.zeroshot.classes: needed with eval.zeroshot.data (one class name per line, "
+                          "or FOLDER<TAB>class name)")
+    if not e.every:
+        raise ConfigError("eval.every: eval.zeroshot.data is set but eval.every is 0 (it would never run)")
+    from moco_mm.metrics import ZeroShotError, read_classes, read_templates
+
+    for key, read, value in (("classes", read_classes, z.classes), ("templates", read_templates, z.templates)):
+        if value:
+            try:
+                read(value)
+            except ZeroShotError as err:
+                raise ConfigError(f"eval.zeroshot.{key}: {err}") from None
 
 
 def validate_queue(q: QueueConfig, m: ModelConfig | None = None) -> None:

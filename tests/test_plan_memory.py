@@ -147,18 +147,18 @@ def test_planner_matches_a_real_cpu_step_within_15_percent(momentum_encoder):
 def _tiny_tower(kind: str, ckpt: bool):
     """A 3-block tower (the shortest run that is extrapolated) and its inputs."""
     from moco_mm.config import ImageTowerConfig, TextTowerConfig
-    from moco_mm.model import ImageTower, TextTower
+    from moco_mm.model import hf_text_tower, timm_image_tower
 
     with torch.device("meta"):
         if kind == "text":
             cfg = TextTowerConfig(name="bert", max_length=16, grad_checkpointing=ckpt,
                                   overrides=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
                                                  intermediate_size=128, vocab_size=VOCAB))
-            return TextTower(cfg, 32), lambda b: (torch.zeros(b, 16, dtype=torch.long),
+            return hf_text_tower(cfg, 32), lambda b: (torch.zeros(b, 16, dtype=torch.long),
                                                   torch.ones(b, 16, dtype=torch.long))
         cfg = ImageTowerConfig(name="vit_tiny_patch16_224", image_size=32, grad_checkpointing=ckpt,
                                kwargs=dict(patch_size=8, depth=3, embed_dim=64, num_heads=2))
-        return ImageTower(cfg, 32), lambda b: (torch.empty(b, 3, 32, 32),)
+        return timm_image_tower(cfg, 32), lambda b: (torch.empty(b, 3, 32, 32),)
 
 
 # Plain ViT blocks (each keeps its input and autocast weight copies) and checkpointed BERT

@@ -3,6 +3,7 @@
 Read top to bottom, the data path is:
 
     make_shards.py  CSV/TSV/JSONL/image folder -> webdataset tars + manifest.json
+    karpathy.py     COCO / Flickr30k Karpathy split JSON -> make_shards rows, one folder per split
     shard_io.py     URL patterns, opening local/pipe:/http(s) shards, tar members
     sources.py      a shard spec -> ShardSource (URLs + samples per shard)
     samples.py      tar members -> RawSample -> decoded (sample_id, captions, image, fingerprints)
@@ -11,6 +12,8 @@ Read top to bottom, the data path is:
                     -> float32, run by the consumer on its device
     loader.py       the epoch plan, the exact resumable training stream (one DataLoader for the
                     run: make_stream; one epoch: make_loader), the eval stream
+    labeled.py      an image folder or labelled shards -> (uint8 pixels, class index) batches,
+                    checked against a classes file (zero-shot classification)
     demo.py         the procedural demo set and its locally trained tokenizer
 
 Imports: this package uses only the base modules (config, distributed, metrics) and

@@ -17,7 +17,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["ImageTransform", "build_transforms"]
+__all__ = ["ImageTransform", "build_transforms", "INTERPOLATIONS"]
+
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 
 
 class ImageTransform:
@@ -28,12 +30,15 @@ class ImageTransform:
     and, if `hflip`, a horizontal flip with p=0.5; the draws come from the `generator`
     argument (required), never from torch's global RNG.
     eval: resize the short side to image_size, center crop (deterministic; generator ignored).
+    `interpolation` ("bilinear" | "bicubic", both antialiased) is the resampling of every
+    resize: bilinear for timm towers, bicubic for CLIP's (what OpenCLIP and Hugging Face
+    preprocess CLIP images with).
     """
 
     _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool,
-                 crop_scale_min: float = 0.5, hflip: bool = False):
+                 crop_scale_min: float = 0.5, hflip: bool = False, interpolation: str = "bilinear"):
         if image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {image_size}")
         if not 0.0 < crop_scale_min <= 1.0:
@@ -46,7 +51,12 @@ class ImageTransform:
         self.train = train
         self.crop_scale_min = crop_scale_min
         self.hflip = hflip
-        self._eval = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+        self.interpolation = interpolation
+        self._mode = INTERPOLATIONS[interpolation]
+        self._eval = v2.Compose([v2.Resize(image_size, interpolation=self._mode, antialias=True),
+                                 v2.CenterCrop(image_size)])
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         x = F.to_image(image)  # uint8 [3, H, W]
@@ -54,7 +64,8 @@ class ImageTransform:
             if generator is None:
                 raise ValueError("the train transform needs a torch.Generator (no global RNG)")
             top, left, h, w = self._crop_box(x.shape[-2], x.shape[-1], generator)
-            x = F.resized_crop(x, top, left, h, w, [self.image_size, self.image_size], antialias=True)
+            x = F.resized_crop(x, top, left, h, w, [self.image_size, self.image_size],
+                                interpolation=self._mode, antialias=True)
             if self.hflip and torch.rand((), generator=generator).item() < 0.5:
                 x = F.horizontal_flip(x)
         else:
@@ -104,7 +115,9 @@ class ImageTransform:
 
 
 def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool,
-                     crop_scale_min: float = 0.5, hflip: bool = False) -> ImageTransform:
+                     crop_scale_min: float = 0.5, hflip: bool = False,
+                     interpolation: str = "bilinear") -> ImageTransform:
     """The image transform (PIL -> uint8 [3, S, S]; `.normalize` for the float batch); mean/std
-    are the image tower's (e.g. timm's pretrained_cfg)."""
-    return ImageTransform(image_size, mean, std, train=train, crop_scale_min=crop_scale_min, hflip=hflip)
+    and interpolation are the image tower's (timm's pretrained_cfg, or the CLIP it started from)."""
+    return ImageTransform(image_size, mean, std, train=train, crop_scale_min=crop_scale_min, hflip=hflip,
+                          interpolation=interpolation)

@@ -34,6 +34,7 @@ identical key updates from identical query weights, so they stay equal without s
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -43,9 +44,12 @@ from torch import nn
 
 from moco_mm import distributed as D
 from moco_mm.config import ModelConfig, QueueConfig, validate_model, validate_queue
+from moco_mm.model.clip_towers import clip_towers
 from moco_mm.model.losses import OBJECTIVES, excluded, learns_temperature, objective_params
 from moco_mm.model.queue import FeatureQueue
 from moco_mm.model.towers import ImageTower, TextTower, build_towers, has_batchnorm
+
+log = logging.getLogger(__name__)
 
 
 def momentum_at(step: int, total_steps: int, m0: float, schedule: str = "constant") -> float:
@@ -66,17 +70,22 @@ class QueryTowers(nn.Module):
     objective uses it (`learns_temperature`); otherwise a buffer.
     """
 
-    def __init__(self, image: ImageTower, text: TextTower, cfg: ModelConfig):
+    def __init__(self, image: ImageTower, text: TextTower, cfg: ModelConfig, init_log_t: float | None = None):
         super().__init__()
         self.image = image
         self.text = text
-        log_t = torch.tensor(math.log(cfg.temperature))
+        self.log_t_min = math.log(cfg.temperature_min)
+        self.log_t_max = math.log(cfg.temperature_max)
+        if init_log_t is None:
+            init_log_t = math.log(cfg.temperature)
+        elif not self.log_t_min - 1e-6 <= init_log_t <= self.log_t_max + 1e-6:
+            log.warning("the source CLIP's temperature %.4g is outside [model.temperature_min, temperature_max] = "
+                        "[%g, %g]: clamped", math.exp(init_log_t), cfg.temperature_min, cfg.temperature_max)
+        log_t = torch.tensor(min(max(init_log_t, self.log_t_min), self.log_t_max))
         if learns_temperature(cfg.loss, cfg.learn_temperature):
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)
-        self.log_t_min = math.log(cfg.temperature_min)
-        self.log_t_max = math.log(cfg.temperature_max)
         # The objective's own trained scalars (e.g. the margin loss's boundary beta).
         self.loss_scalars = nn.ParameterDict(
             {name: nn.Parameter(torch.tensor(float(init))) for name, init in OBJECTIVES[cfg.loss].learnt})
@@ -148,8 +157,11 @@ class DualQueueMoCo(nn.Module):
         validate_model(cfg)
         validate_queue(queue_cfg, cfg)
         self.cfg = cfg
-        image, text = build_towers(cfg, vocab_size)
-        self.query = QueryTowers(image, text, cfg)
+        if cfg.init_from:  # a CLIP's towers, projections and temperature (key towers copy them)
+            image, text, init_log_t = clip_towers(cfg)
+        else:
+            (image, text), init_log_t = build_towers(cfg, vocab_size), None
+        self.query = QueryTowers(image, text, cfg, init_log_t)
         # Key towers start as exact copies of the query towers; none in the CLIP mode.
         self.key = KeyTowers(copy.deepcopy(image), copy.deepcopy(text)) if cfg.momentum_encoder else None
         # A disabled queue is an empty one: the loss then sees in-batch negatives only.

@@ -5,7 +5,8 @@
 
 Nothing here downloads unless the config asks for pretrained hub weights: image towers
 are built by timm name with random init, a local weights file, or the hub; text towers
-from a Hugging Face model type (`bert`), a local directory, or a hub name.
+from a Hugging Face model type (`bert`), a local directory, or a hub name. Towers that
+start from a CLIP (`model.init_from`) are built in `moco_mm.model.clip_towers`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco_mm.config import ConfigError, ImageTowerConfig, ModelConfig, TextTowerConfig
+
+# `model.text.tokenizer` value: OpenCLIP's CLIP BPE tokenizer, rebuilt as a Hugging Face one.
+OPEN_CLIP_TOKENIZER = "open_clip"
 
 
 class Projection(nn.Module):
@@ -92,15 +96,23 @@ def _freeze_all_but_last(groups: list[list[nn.Parameter]], n: int) -> None:
 
 
 class ImageTower(nn.Module):
-    def __init__(self, cfg: ImageTowerConfig, embed_dim: int, head: str = "linear", head_hidden_dim: int = 0):
+    """backbone (pooled features, or a CLIP's projected embedding) -> head -> unit rows.
+
+    Built by `timm_image_tower` (a timm backbone + our Projection) or, from a CLIP, by
+    `moco_mm.model.clip_towers` (the CLIP's own vision module whole, head = Identity).
+    `image_size`, `mean`, `std` and `interpolation` are the preprocessing the tower
+    expects; the data pipeline and the export read them.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, image_size: int, mean, std,
+                 interpolation: str = "bilinear"):
         super().__init__()
-        self.backbone = build_timm_backbone(cfg)
-        self.head = Projection(self.backbone.num_features, embed_dim, head, head_hidden_dim)
-        # Preprocessing the tower expects; the data pipeline and the export read these.
-        pcfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
-        self.mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
-        self.image_size = cfg.image_size
+        self.backbone = backbone
+        self.head = head
+        self.mean = tuple(float(x) for x in mean)
+        self.std = tuple(float(x) for x in std)
+        self.image_size = image_size
+        self.interpolation = interpolation
         self.channels_last = False
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -127,6 +139,15 @@ class ImageTower(nn.Module):
 
         x = TF.to_dtype(image, torch.float32, scale=True)
         return TF.normalize(x, list(self.mean), list(self.std))
+
+
+def timm_image_tower(cfg: ImageTowerConfig, embed_dim: int, head: str = "linear",
+                     head_hidden_dim: int = 0) -> ImageTower:
+    """A timm backbone (classifier removed) + Projection to embed_dim; timm's mean/std."""
+    backbone = build_timm_backbone(cfg)
+    pcfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    return ImageTower(backbone, Projection(backbone.num_features, embed_dim, head, head_hidden_dim),
+                      cfg.image_size, pcfg.get("mean", (0.485, 0.456, 0.406)), pcfg.get("std", (0.229, 0.224, 0.225)))
 
 
 def build_timm_backbone(cfg: ImageTowerConfig) -> nn.Module:
@@ -183,15 +204,23 @@ def _takes_img_size(name: str) -> bool:
 
 
 class TextTower(nn.Module):
-    def __init__(self, cfg: TextTowerConfig, embed_dim: int, head: str = "linear", head_hidden_dim: int = 0,
-                 vocab_size: int | None = None):
+    """backbone -> pooling -> head -> unit rows.
+
+    pooling "cls" / "mean": the backbone is a Hugging Face encoder and pooling reads its
+    last hidden state (mean over real tokens only); "none": the backbone pools and projects
+    itself (a CLIP's own text module, `moco_mm.model.clip_towers`), head = Identity.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, pooling: str, ready_mask: bool = False):
         super().__init__()
-        self.backbone = build_hf_backbone(cfg, vocab_size)
-        self.pooling = cfg.pooling
-        self._ready_mask = _takes_ready_sdpa_mask(self.backbone)
-        self.head = Projection(self.backbone.config.hidden_size, embed_dim, head, head_hidden_dim)
+        self.backbone = backbone
+        self.pooling = pooling
+        self._ready_mask = ready_mask
+        self.head = head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "none":
+            return F.normalize(self.head(self.backbone(input_ids, attention_mask)), dim=-1)
         # The mask always goes in: attending to padding changes the embedding with length.
         mask = attention_mask
         if self._ready_mask:
@@ -206,6 +235,14 @@ class TextTower(nn.Module):
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         return F.normalize(self.head(pooled), dim=-1)
+
+
+def hf_text_tower(cfg: TextTowerConfig, embed_dim: int, head: str = "linear", head_hidden_dim: int = 0,
+                  vocab_size: int | None = None) -> TextTower:
+    """A Hugging Face encoder (no pooler) + our pooling + Projection to embed_dim."""
+    backbone = build_hf_backbone(cfg, vocab_size)
+    return TextTower(backbone, Projection(backbone.config.hidden_size, embed_dim, head, head_hidden_dim),
+                     cfg.pooling, _takes_ready_sdpa_mask(backbone))
 
 
 def _takes_ready_sdpa_mask(model: nn.Module) -> bool:
@@ -286,18 +323,31 @@ def _hf_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def load_tokenizer(cfg: TextTowerConfig):
-    """The text tower's tokenizer (a local directory in tests and the demo)."""
+    """The text tower's tokenizer (a local directory in tests and the demo); `open_clip`:
+    OpenCLIP's own CLIP tokenizer (its bundled BPE) as a Hugging Face tokenizer."""
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.name
+    if name == OPEN_CLIP_TOKENIZER:
+        from moco_mm.model.clip_towers import open_clip_tokenizer
+
+        return open_clip_tokenizer()
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.text.tokenizer: cannot load tokenizer {name!r}: {e}") from e
 
 
-def build_towers(cfg: ModelConfig, vocab_size: int | None = None) -> tuple[ImageTower, TextTower]:
+def build_towers(cfg: ModelConfig, vocab_size: int | None = None,
+                 load_weights: bool = True) -> tuple[ImageTower, TextTower]:
+    """Both query towers of `cfg`: from `model.init_from` (a CLIP; `load_weights=False` builds
+    its structure only) or from the timm / Hugging Face tower configs."""
+    if cfg.init_from:
+        from moco_mm.model.clip_towers import clip_towers
+
+        image, text, _ = clip_towers(cfg, load_weights=load_weights)
+        return image, text
     return (
-        ImageTower(cfg.image, cfg.embed_dim, cfg.head, cfg.head_hidden_dim),
-        TextTower(cfg.text, cfg.embed_dim, cfg.head, cfg.head_hidden_dim, vocab_size),
+        timm_image_tower(cfg.image, cfg.embed_dim, cfg.head, cfg.head_hidden_dim),
+        hf_text_tower(cfg.text, cfg.embed_dim, cfg.head, cfg.head_hidden_dim, vocab_size),
     )

@@ -347,6 +347,9 @@ def plan(cfg: Config, gpu: str | GpuSpec, world_size: int = 8, *, vocab_size: in
     spec = resolve_gpu(gpu)
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
+    from moco_mm.model.clip_towers import resolve_init
+
+    resolve_init(cfg.model, need_weights=False)  # a CLIP start fixes embed_dim and image_size
     notes: list[str] = []
     if vocab_size is None:
         vocab_size, source = default_vocab_size(cfg)

@@ -60,6 +60,11 @@ def default_vocab_size(cfg: Config) -> tuple[int, str]:
     """
     import os
 
+    if cfg.model.init_from:  # the CLIP's own vocabulary
+        from moco_mm.model.clip_towers import resolve_init
+
+        src = resolve_init(cfg.model, need_weights=False)
+        return src.vocab_size, f"the text config of {src.where}"
     t = cfg.model.text
     if "vocab_size" in t.overrides:
         return int(t.overrides["vocab_size"]), "model.text.overrides.vocab_size"
@@ -108,9 +113,11 @@ def tower_profile_key(kind: str, m: ModelConfig, autocast_dtype: torch.dtype | N
 
     m = _offline_model_config(m)
     tower_cfg = m.image if kind == "image" else m.text
+    # A CLIP start's towers are the source's architecture (its name joins the key only
+    # then, so the keys of every other tower stay as they were).
     blob = json.dumps([PROFILE_VERSION, kind, dataclasses.asdict(tower_cfg), m.embed_dim, m.head,
                        m.head_hidden_dim, vocab_size if kind == "text" else None, str(autocast_dtype),
-                       depth_extrapolation],
+                       depth_extrapolation] + ([m.init_from] if m.init_from else []),
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -126,7 +133,7 @@ def tower_profile(kind: str, m: ModelConfig, autocast_dtype: torch.dtype | None,
 
     Built on the meta device (no weights, no download), traced with fake tensors.
     """
-    from moco_mm.model.towers import ImageTower, TextTower, has_batchnorm
+    from moco_mm.model.towers import build_towers, has_batchnorm, hf_text_tower, timm_image_tower
 
     key = tower_profile_key(kind, m, autocast_dtype, vocab_size, depth_extrapolation)
     if key in _TOWERS:
@@ -134,10 +141,12 @@ def tower_profile(kind: str, m: ModelConfig, autocast_dtype: torch.dtype | None,
     m = _offline_model_config(m)
     try:
         with torch.device("meta"):
-            if kind == "image":
-                tower = ImageTower(m.image, m.embed_dim, m.head, m.head_hidden_dim)
+            if m.init_from:  # a CLIP's own towers, structure only
+                tower = build_towers(m, load_weights=False)[0 if kind == "image" else 1]
+            elif kind == "image":
+                tower = timm_image_tower(m.image, m.embed_dim, m.head, m.head_hidden_dim)
             else:
-                tower = TextTower(m.text, m.embed_dim, m.head, m.head_hidden_dim, vocab_size)
+                tower = hf_text_tower(m.text, m.embed_dim, m.head, m.head_hidden_dim, vocab_size)
     except ConfigError:
         raise
     except Exception as e:  # a model whose constructor computes with tensor values

@@ -17,6 +17,8 @@ from moco_mm.data import DataError
 from moco_mm.data.make_shards import ImageError
 from moco_mm.metrics import format_table
 from moco_mm.search import export as ex
+from moco_mm.search.clip_export import FORMATS, export_clip
+from moco_mm.search.evaluate import FOLD_SIZE, PROTOCOLS, evaluate_protocol
 from moco_mm.search.export import ExportError
 from moco_mm.search.index import INDEX_TYPES
 
@@ -24,6 +26,7 @@ EXPORT_USAGE = """Export a run's towers for search: safetensors + JSON (+ verifi
 
     moco-mm export --run RUN_DIR --out EXPORT_DIR [--towers query|key] [--onnx]
     moco-mm export --checkpoint RUN_DIR/checkpoints/step_NNNNNNNN --out EXPORT_DIR
+    moco-mm export --run RUN_DIR --out OUT --format open_clip|hf     # hand back a CLIP
 
 --run takes the run's newest complete checkpoint. --onnx adds image_encoder.onnx and
 text_encoder.onnx, each checked against PyTorch with onnxruntime (max abs difference
@@ -47,14 +50,23 @@ success, 2 on an error."""
 
 EVAL_USAGE = """Image<->text retrieval metrics of an exported encoder on held-out shards.
 
-    moco-mm eval-retrieval --export EXPORT --data SHARDS [--json OUT] [--max-samples N]
-        [--batch-size 64] [--no-progress]
+    moco-mm eval-retrieval --export EXPORT --data SHARDS [--protocol auto|plain|coco-5k-1k|flickr-1k]
+        [--json OUT] [--max-samples N] [--batch-size 64] [--no-progress]
+    moco-mm eval-retrieval --export EXPORT --data coco/test/manifest.json    # COCO 5k and 1k tables
 
-Prints R@1/5/10 (percent) and the median rank for image->text and text->image with every
-caption of every image (Flickr30k/COCO protocol: an image query hits at k when any of its
-captions is in its top k; each caption query has its one image). --json writes the same
-numbers plus n_images, n_captions, the chance R@1 of each direction, the export and the
-data. Exit status 0 on success, 2 on an error."""
+Prints R@1/5/10 (percent), the median rank and rsum (the six recalls summed, what papers
+report) for image->text and text->image with every caption of every image (Flickr30k/COCO
+protocol: an image query hits at k when any of its captions is in its top k; each caption
+query has its one image). --protocol picks the tables: plain, every image of --data;
+coco-5k-1k, Karpathy's COCO test split: all 5,000 images / 25,000 captions ("5k") AND the
+mean over its five folds of 1,000 consecutive images ("1k"); flickr-1k, Karpathy's
+Flickr30k test split (1,000 images / 5,000 captions); auto (default), the protocol that
+`make-shards --format coco-karpathy|flickr30k-karpathy` wrote into the manifest (test
+split), else plain (always plain with --max-samples). A set of another size is evaluated
+with a warning. --json writes the whole set's numbers at the top level plus n_images,
+n_captions, the chance R@1 of each direction, the protocol, every table (`tables`), the
+1k folds (`folds`), warnings, the export and the data. Exit status 0 on success, 2 on an
+error."""
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -66,15 +78,28 @@ def export_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="export directory to write")
     ap.add_argument("--towers", choices=ex.TOWERS, default="query",
                     help="query: the trained towers (default); key: their momentum copies")
-    ap.add_argument("--onnx", action="store_true", help="also write verified ONNX graphs")
+    ap.add_argument("--format", choices=("moco_mm", *FORMATS), default="moco_mm",
+                    help="moco_mm: our bundle (Encoder.from_export, search, ONNX); open_clip: a directory "
+                         "open_clip.create_model_and_transforms('local-dir:OUT') loads; hf: a CLIPModel / "
+                         "VisionTextDualEncoderModel directory for transformers (the last two: runs that "
+                         "started from a CLIP, model.init_from)")
+    ap.add_argument("--onnx", action="store_true", help="also write verified ONNX graphs (--format moco_mm)")
     ap.add_argument("--atol", type=float, default=ex.ONNX_ATOL, help="ONNX vs PyTorch tolerance")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.onnx and args.format != "moco_mm":
+        ap.error("--onnx goes with --format moco_mm")
     try:
+        if args.format != "moco_mm":
+            res = export_clip(args.out, args.format, run_dir=args.run, checkpoint=args.checkpoint,
+                              towers=args.towers, overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr))
+            print(f"exported {res.towers} towers of step {res.step} to {res.out} as {res.format} in "
+                  f"{time.perf_counter() - t0:.1f}s (reloaded with its library: max |diff| {res.max_abs_diff:.3g})")
+            return 0
         res = ex.export_encoders(args.out, run_dir=args.run, checkpoint=args.checkpoint, towers=args.towers,
-                                     onnx=args.onnx, overwrite=args.overwrite, atol=args.atol,
-                                     log=lambda s: print(s, file=sys.stderr))
+                                 onnx=args.onnx, overwrite=args.overwrite, atol=args.atol,
+                                 log=lambda s: print(s, file=sys.stderr))
     except (ex.ExportError, ValueError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
@@ -169,6 +194,10 @@ def eval_retrieval_main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", required=True, help="export directory (moco-mm export)")
     ap.add_argument("--data", required=True, help="shard spec: manifest.json, shard folder or brace pattern")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="auto",
+                    help="tables to report: auto (default: the manifest's eval_protocol, else plain), plain, "
+                         "coco-5k-1k (COCO 5k test + mean of five 1k folds), flickr-1k")
+    ap.add_argument("--fold-size", type=int, default=FOLD_SIZE, help=argparse.SUPPRESS)  # tests only
     ap.add_argument("--json", default=None, help="write the metrics here as JSON")
     ap.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -177,19 +206,29 @@ def eval_retrieval_main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         encoder = S.Encoder.from_export(args.export)
-        m = S.evaluate_retrieval(encoder, args.data, max_samples=args.max_samples, batch_size=args.batch_size,
-                                      progress=not args.no_progress)
+        report = evaluate_protocol(encoder, args.data, args.protocol, fold_size=args.fold_size,
+                                   max_samples=args.max_samples, batch_size=args.batch_size,
+                                   progress=not args.no_progress)
     except (S.SearchError, ExportError, DataError, ValueError) as e:
         print(f"eval_retrieval: error: {e}", file=sys.stderr)
         return 2
+    m = report.whole
     n_img, n_txt = int(m["n_images"]), int(m["n_captions"])
-    print(f"{n_img} images, {n_txt} captions ({time.perf_counter() - t0:.1f}s)")
-    print(format_table(m))
+    print(f"{n_img} images, {n_txt} captions, protocol {report.protocol} ({time.perf_counter() - t0:.1f}s)")
+    for name, table in report.tables.items():
+        if "n_folds" in table:
+            title = f"{name}: mean over {int(table['n_folds'])} folds of {int(table['fold_size'])} images"
+        else:
+            title = f"{name}: {int(table['n_images'])} images, {int(table['n_captions'])} captions"
+        print(f"\n{title}\n{format_table(table)}\nrsum {table['rsum']:.2f}")
+    for warning in report.warnings:
+        print(f"eval_retrieval: warning: {warning}", file=sys.stderr)
     if args.json:
         # Chance R@1 is 1/n_img both ways: a random ranking puts a caption's image first
         # with 1/n_img, and one of an image's c captions first with c/n_txt = 1/n_img on average.
         out = {**m, "chance_i2t_R@1": 100.0 / n_img, "chance_t2i_R@1": 100.0 / n_img,
                "export": str(Path(args.export).resolve()), "model_fingerprint": encoder.fingerprint,
-               "data": args.data}
+               "data": args.data, "protocol": report.protocol, "tables": report.tables, "folds": report.folds,
+               "warnings": report.warnings}
         Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")
     return 0

@@ -14,10 +14,9 @@ from PIL import Image
 
 from moco_mm.data import DataError, ShardSource, decode_sample, iter_raw_samples
 from moco_mm.data.make_shards import MANIFEST, InputError, read_rows
+from moco_mm.search.encoder import SearchError
 
 log = logging.getLogger(__name__)
-
-from moco_mm.search.encoder import SearchError
 
 
 @dataclass

@@ -24,6 +24,7 @@ from moco_mm.data import build_transforms
 from moco_mm.data.make_shards import ImageError, decode_image, to_rgb
 from moco_mm.model import ImageTower, TextTower
 from moco_mm.search.export import (
+    INTERPOLATIONS,
     SPEC,
     ExportError,
     ExportSpec,
@@ -77,7 +78,9 @@ class Encoder:
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.root = root
-        self.transform = build_transforms(spec.image.image_size, spec.image.mean, spec.image.std, train=False)
+        interpolation = {v: k for k, v in INTERPOLATIONS.items()}[spec.image.interpolation]
+        self.transform = build_transforms(spec.image.image_size, spec.image.mean, spec.image.std, train=False,
+                                          interpolation=interpolation)
 
     @classmethod
     def from_export(cls, root: str | os.PathLike, device: str | torch.device = "cpu",

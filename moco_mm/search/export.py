@@ -15,6 +15,7 @@ Layout of an export directory (format ``moco_mm.export/1``)::
                                 the tokenizer's model_max_length is text.max_length
       image_encoder.onnx        --onnx: pixel_values [N,3,H,W] float32 -> embedding [N,D]
       text_encoder.onnx         --onnx: input_ids, attention_mask int64 [N,L] -> embedding [N,D]
+                                (input_ids only for a CLIP's causal text tower, which needs no mask)
       manifest.json             written last: format, versions (moco_mm, torch, timm,
                                 transformers, ...), and {"size", "sha256"} of every other file
 
@@ -38,6 +39,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -50,7 +52,16 @@ import torch
 from torch import nn
 
 from moco_mm.config import ConfigError, ImageTowerConfig, TextTowerConfig, load_config
-from moco_mm.model.towers import ImageTower, TextTower, _takes_img_size, build_towers, load_tokenizer
+from moco_mm.model.clip_towers import ClipSource, build_clip_model, resolve_init, towers_from_clip_model
+from moco_mm.model.towers import (
+    ImageTower,
+    TextTower,
+    _takes_img_size,
+    build_towers,
+    hf_text_tower,
+    load_tokenizer,
+    timm_image_tower,
+)
 from moco_mm.train.checkpoint import CheckpointError, CheckpointManager
 
 FORMAT = "moco_mm.export/1"
@@ -65,6 +76,7 @@ ONNX_ATOL = 1e-4
 # The one preprocessing pipeline the eval transform implements (moco_mm.data.ImageTransform).
 RESIZE_MODE = "shorter_side_then_center_crop"
 INTERPOLATION = "bilinear_antialias"
+INTERPOLATIONS = {"bilinear": INTERPOLATION, "bicubic": "bicubic_antialias"}  # tower -> spec name
 TOWERS = ("query", "key")
 
 
@@ -116,6 +128,9 @@ class ExportSpec:
     source: dict = field(default_factory=dict)  # run_dir, checkpoint, step (informational)
     onnx: dict = field(default_factory=dict)  # file name -> {"max_abs_diff", "atol", ...}
     format: str = FORMAT
+    # Towers that started from a CLIP (model.init_from): moco_mm.model.ClipSource.to_dict(),
+    # the CLIP's architecture (OpenCLIP model_cfg or Hugging Face config) and preprocessing.
+    clip: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -131,7 +146,7 @@ class ExportSpec:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ExportError(f"{where}: malformed export spec: {type(e).__name__}: {e}") from None
-        if spec.image.resize != RESIZE_MODE or spec.image.interpolation != INTERPOLATION:
+        if spec.image.resize != RESIZE_MODE or spec.image.interpolation not in INTERPOLATIONS.values():
             raise ExportError(f"{where}: unknown image preprocessing {spec.image.resize}/{spec.image.interpolation}")
         return spec
 
@@ -174,11 +189,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(root: Path) -> dict:
+def write_manifest(root: Path, fmt: str = FORMAT, source: dict | None = None) -> dict:
     """Checksum every file under `root` into manifest.json (written last)."""
     files = {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
              for rel in _listed_files(root)}
-    manifest = {"format": FORMAT, "versions": versions(), "files": files}
+    manifest = {"format": fmt, "versions": versions(), "files": files}
+    if source:
+        manifest["source"] = source
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
     return manifest
 
@@ -200,7 +217,7 @@ def verify_export(root: Path | str, check_hashes: bool = True) -> dict:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if manifest.get("format") != FORMAT or not isinstance(files, dict):
         raise ExportError(f"{root / MANIFEST}: not a {FORMAT} manifest")
-    for required in (SPEC, IMAGE_WEIGHTS, TEXT_WEIGHTS, f"{TEXT_DIR}/config.json"):
+    for required in (SPEC, IMAGE_WEIGHTS, TEXT_WEIGHTS):
         if required not in files:
             raise ExportError(f"{root / MANIFEST}: does not list {required}")
     for rel, info in files.items():
@@ -227,7 +244,8 @@ def model_fingerprint(manifest: dict, spec: "ExportSpec") -> str:
     made with another model."""
     files = manifest["files"]
     parts = [f"{rel}:{files[rel]['sha256']}" for rel in sorted(files) if not rel.endswith(".onnx") and rel != SPEC]
-    core = {k: v for k, v in asdict(spec).items() if k not in ("source", "onnx")}
+    # An empty `clip` (not a CLIP start) is left out: older exports keep their fingerprint.
+    core = {k: v for k, v in asdict(spec).items() if k not in ("source", "onnx") and (k != "clip" or v)}
     parts.append(json.dumps(core, sort_keys=True))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -275,10 +293,14 @@ def _tower_tensors(tensors: dict[str, torch.Tensor], towers: str, modality: str)
     return out
 
 
-def load_towers(run_dir: Path, checkpoint: Path, towers: str = "query") -> tuple[ImageTower, TextTower, Any, Any, int]:
+def load_towers(run_dir: Path, checkpoint: Path, towers: str = "query"
+                ) -> tuple[ImageTower, TextTower, Any, Any, int, float]:
     """Rebuild the training towers from the run's config and load the chosen copy.
 
-    -> (image tower, text tower, tokenizer, config, step), towers in eval mode on the CPU.
+    -> (image tower, text tower, tokenizer, config, step, log temperature), towers in eval
+    mode on the CPU. A run that started from a CLIP (model.init_from) rebuilds the CLIP's
+    structure from its source's configuration (the source must still be where the run's
+    config says; its weights file is not needed).
     Hub weights and frozen/checkpointed blocks do not matter here (the weights come from
     the checkpoint, and nothing trains), so nothing is downloaded or wrapped.
     """
@@ -289,6 +311,7 @@ def load_towers(run_dir: Path, checkpoint: Path, towers: str = "query") -> tuple
     except ConfigError as e:
         raise ExportError(f"{run_dir / 'config.yaml'}: {e}") from e
     try:
+        resolve_init(cfg.model, need_weights=False)
         tokenizer = load_tokenizer(cfg.model.text)
     except ConfigError as e:
         raise ExportError(f"{run_dir / 'config.yaml'}: {e} (a relative path is resolved from the current "
@@ -305,7 +328,10 @@ def load_towers(run_dir: Path, checkpoint: Path, towers: str = "query") -> tuple
     # normalises with batch statistics while training) is exported with the running
     # statistics momentum_update copies into it from the query tower: per-sample
     # embeddings, independent of the batch, as search needs.
-    image, text = build_towers(m, vocab)
+    try:
+        image, text = build_towers(m, vocab, load_weights=False)
+    except ConfigError as e:
+        raise ExportError(f"{run_dir / 'config.yaml'}: {e}") from e
     try:
         tensors, _ = CheckpointManager.load(checkpoint)
     except CheckpointError as e:
@@ -316,7 +342,9 @@ def load_towers(run_dir: Path, checkpoint: Path, towers: str = "query") -> tuple
         except RuntimeError as e:
             raise ExportError(f"{checkpoint}: {towers}.{name} does not fit the run's config: {e}") from e
         tower.eval()
-    return image, text, tokenizer, cfg, CheckpointManager.step_of(checkpoint)
+    log_t = float(tensors["query.log_temperature"]) if "query.log_temperature" in tensors else math.log(
+        cfg.model.temperature)
+    return image, text, tokenizer, cfg, CheckpointManager.step_of(checkpoint), log_t
 
 
 def timm_kwargs(cfg: ImageTowerConfig) -> dict:
@@ -342,6 +370,16 @@ class OnnxCheck:
     shapes: list[list[int]]  # shape of the first input of every check
 
 
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool):
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def export_onnx(module: nn.Module, path: Path, example: tuple[torch.Tensor, ...], input_names: Sequence[str],
                 dynamic_axes: dict[str, dict[int, str]], checks: Sequence[tuple[torch.Tensor, ...]],
                 atol: float = ONNX_ATOL) -> OnnxCheck:
@@ -361,14 +399,20 @@ def export_onnx(module: nn.Module, path: Path, example: tuple[torch.Tensor, ...]
         raise ValueError(f"atol must be >= 0, got {atol}")
     module = module.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _mha_fastpath(False):
             # The TorchScript exporter (dynamo=False) warns that it is deprecated and that
             # traced Python branches become constants; the checks below catch such a case.
             # The dynamo exporter needs onnxscript, which this project does not require.
+            # nn.MultiheadAttention's inference fast path (OpenCLIP's blocks) is one fused
+            # op ONNX has no symbol for: trace the composite path (same numbers).
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, example, str(path), input_names=list(input_names),
-                              output_names=["embedding"], dynamic_axes=dynamic_axes, opset_version=17,
-                              do_constant_folding=True, dynamo=False)
+            try:
+                torch.onnx.export(module, example, str(path), input_names=list(input_names),
+                                  output_names=["embedding"], dynamic_axes=dynamic_axes, opset_version=17,
+                                  do_constant_folding=True, dynamo=False)
+            except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
+                raise ExportError(f"{path.name}: the {type(module).__name__} does not export to ONNX: "
+                                  f"{str(e).splitlines()[0]}; export without --onnx") from e
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = min(4, os.cpu_count() or 1)
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -376,7 +420,16 @@ def export_onnx(module: nn.Module, path: Path, example: tuple[torch.Tensor, ...]
         for inputs in checks:
             with torch.no_grad():
                 want = module(*inputs).float().numpy()
-            got = session.run(["embedding"], {n: t.numpy() for n, t in zip(input_names, inputs)})[0]
+            # An input the module ignores is not in the graph (a CLIP's causal text tower
+            # takes no attention mask): feed what the graph declares.
+            declared = {i.name for i in session.get_inputs()}
+            try:
+                got = session.run(["embedding"],
+                                  {n: t.numpy() for n, t in zip(input_names, inputs) if n in declared})[0]
+            except Exception as e:  # onnxruntime's own error types: a shape the trace baked in
+                raise ExportError(f"{path.name}: the traced {type(module).__name__} fails on an input of shape "
+                                  f"{tuple(inputs[0].shape)} ({str(e).splitlines()[0][:300]}); export without "
+                                  f"--onnx") from e
             if got.shape != want.shape:
                 raise ExportError(f"{path.name}: ONNX output shape {got.shape} for input {tuple(inputs[0].shape)}, "
                                   f"PyTorch gives {want.shape}")
@@ -520,19 +573,23 @@ def export_encoders(out: Path | str, *, run_dir: Path | str | None = None, check
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out}: not empty; pass --overwrite to replace it")
     run, ckpt = resolve_source(run_dir, checkpoint)
-    image, text, tokenizer, cfg, step = load_towers(run, ckpt, towers)
+    image, text, tokenizer, cfg, step, _ = load_towers(run, ckpt, towers)
     log(f"loaded {towers} towers from {ckpt} (step {step})")
 
     m = cfg.model
-    check_max_length(m.text.max_length, text.backbone)
+    clip = resolve_init(m, need_weights=False)
+    if clip is None:  # a CLIP's context length was checked when the run started
+        check_max_length(m.text.max_length, text.backbone)
     spec = ExportSpec(
         embed_dim=m.embed_dim, towers=towers,
-        image=ImageSpec(timm_name=m.image.name, timm_kwargs=timm_kwargs(m.image), head=m.head,
-                        head_hidden_dim=m.head_hidden_dim, image_size=m.image.image_size,
-                        mean=[float(x) for x in image.mean], std=[float(x) for x in image.std]),
-        text=TextSpec(pooling=m.text.pooling, max_length=m.text.max_length, head=m.head,
+        image=ImageSpec(timm_name="" if clip else m.image.name, timm_kwargs={} if clip else timm_kwargs(m.image),
+                        head="none" if clip else m.head, head_hidden_dim=m.head_hidden_dim,
+                        image_size=m.image.image_size, mean=[float(x) for x in image.mean],
+                        std=[float(x) for x in image.std], interpolation=INTERPOLATIONS[image.interpolation]),
+        text=TextSpec(pooling=text.pooling, max_length=m.text.max_length, head="none" if clip else m.head,
                       head_hidden_dim=m.head_hidden_dim),
         source={"run_dir": str(run), "checkpoint": str(ckpt), "step": step},
+        clip=clip.to_dict() if clip else {},
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -541,7 +598,8 @@ def export_encoders(out: Path | str, *, run_dir: Path | str | None = None, check
     try:
         _save_tensors(image, tmp / IMAGE_WEIGHTS)
         _save_tensors(text, tmp / TEXT_WEIGHTS)
-        text.backbone.config.save_pretrained(tmp / TEXT_DIR)
+        if clip is None:  # a CLIP's architecture is in the spec
+            text.backbone.config.save_pretrained(tmp / TEXT_DIR)
         # The tokenizer says how long a sequence the tower takes (often 512 otherwise); the
         # ONNX check below uses it as saved.
         tokenizer = save_tokenizer(tokenizer, m.text.max_length, tmp / TEXT_DIR)
@@ -552,7 +610,8 @@ def export_encoders(out: Path | str, *, run_dir: Path | str | None = None, check
                 image, tmp / IMAGE_ONNX, example, ["pixel_values"],
                 {"pixel_values": {0: "batch"}, "embedding": {0: "batch"}}, image_checks, atol)
             log(f"{IMAGE_ONNX}: max |onnx - torch| = {checks[IMAGE_ONNX].max_abs_diff:.3g}")
-            example, text_checks = _text_checks(tokenizer, m.text.max_length, text.backbone.config.vocab_size)
+            vocab = clip.vocab_size if clip else text.backbone.config.vocab_size
+            example, text_checks = _text_checks(tokenizer, m.text.max_length, vocab)
             checks[TEXT_ONNX] = export_onnx(
                 text, tmp / TEXT_ONNX, example, ["input_ids", "attention_mask"],
                 {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
@@ -591,13 +650,20 @@ def rebuild_towers(root: Path, spec: ExportSpec) -> tuple[ImageTower, TextTower]
     already hold img_size), the text tower AutoModel.from_config(AutoConfig.from_pretrained
     (root/text), add_pooling_layer=False) (a local folder: build_hf_backbone's local path).
     """
+    if spec.clip:  # the CLIP's own modules, built from its architecture
+        try:
+            src = ClipSource.from_dict(spec.clip, str(root / SPEC), tokenizer=str(root / spec.text.hf_dir))
+            image, text, _ = towers_from_clip_model(build_clip_model(src, load_weights=False), src)
+        except (ConfigError, KeyError, TypeError, ValueError) as e:
+            raise ExportError(f"{root / SPEC}: cannot rebuild the CLIP towers: {e!r}") from e
+        return image, text
     image_cfg = ImageTowerConfig(name=spec.image.timm_name, pretrained=False, image_size=spec.image.image_size,
                                  kwargs=dict(spec.image.timm_kwargs))
     text_cfg = TextTowerConfig(name=str(root / spec.text.hf_dir), pretrained=False, pooling=spec.text.pooling,
                                max_length=spec.text.max_length)
     try:
-        image = ImageTower(image_cfg, spec.embed_dim, spec.image.head, spec.image.head_hidden_dim)
-        text = TextTower(text_cfg, spec.embed_dim, spec.text.head, spec.text.head_hidden_dim)
+        image = timm_image_tower(image_cfg, spec.embed_dim, spec.image.head, spec.image.head_hidden_dim)
+        text = hf_text_tower(text_cfg, spec.embed_dim, spec.text.head, spec.text.head_hidden_dim)
     except ConfigError as e:
         raise ExportError(f"{root / SPEC}: cannot rebuild the towers: {e}") from e
     # Preprocessing is what training used, not whatever this timm version's default is.

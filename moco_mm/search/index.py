@@ -28,11 +28,10 @@ import torch
 from PIL import Image
 
 from moco_mm.data.make_shards import ImageError
-
-log = logging.getLogger(__name__)
-
 from moco_mm.search.corpus import Item, corpus_size, iter_items
 from moco_mm.search.encoder import Encoder, SearchError, load_image
+
+log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "moco_mm.index/1"
 INDEX_INFO = "index.json"

@@ -22,6 +22,7 @@ import torch
 from moco_mm import distributed as D
 from moco_mm.config import Config, ConfigError, dump_config, queue_warnings, to_dict
 from moco_mm.data import (
+    DataError,
     LoaderState,
     ShardSource,
     build_transforms,
@@ -30,8 +31,18 @@ from moco_mm.data import (
     pin_memory_for,
     steps_per_epoch,
 )
-from moco_mm.metrics import format_table, retrieval_metrics
-from moco_mm.model import DualQueueMoCo, load_tokenizer, momentum_at
+from moco_mm.data.labeled import LabeledImages, open_labeled
+from moco_mm.metrics import (
+    TOP5_MIN_CLASSES,
+    ZEROSHOT_TEMPLATES,
+    ZeroShotError,
+    format_table,
+    read_classes,
+    read_templates,
+    retrieval_metrics,
+    zeroshot_evaluate,
+)
+from moco_mm.model import DualQueueMoCo, load_tokenizer, momentum_at, resolve_init
 from moco_mm.train.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
 from moco_mm.train.run_log import MetricsLog, ProgressBar, WandbLogger
 from moco_mm.train.step import TrainStep
@@ -66,8 +77,10 @@ class Trainer:
         self.info = info
         self.device = info.device
         self.run_dir = Path(cfg.run.output_dir)
+        self.zeroshot = self._open_zeroshot()  # the data checked against its classes before any model exists
         # Identical seed on every rank: identical initial weights without a broadcast.
         torch.manual_seed(cfg.run.seed)
+        resolve_init(cfg.model)  # a CLIP start fixes embed_dim, image_size and the tokenizer
         self.tokenizer = load_tokenizer(cfg.model.text)
         self.model = DualQueueMoCo(cfg.model, cfg.queue, vocab_size=len(self.tokenizer)).to(self.device)
         # From here on each rank draws its own dropout and drop-path masks: the seed above
@@ -86,10 +99,11 @@ class Trainer:
             raise ConfigError(
                 f"data.batch_size: {cfg.data.batch_size} per rank x {info.world_size} ranks leaves no full "
                 f"batch in an epoch of {cfg.data.train}")
-        mean, std, size = self.model.query.image.mean, self.model.query.image.std, cfg.model.image.image_size
-        self.train_transform = build_transforms(size, mean, std, train=True,
-                                                crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
-        self.eval_transform = build_transforms(size, mean, std, train=False)
+        tower = self.model.query.image
+        mean, std, size, interp = tower.mean, tower.std, cfg.model.image.image_size, tower.interpolation
+        self.train_transform = build_transforms(size, mean, std, train=True, crop_scale_min=cfg.data.crop_scale_min,
+                                                hflip=cfg.data.hflip, interpolation=interp)
+        self.eval_transform = build_transforms(size, mean, std, train=False, interpolation=interp)
 
         if info.is_main:
             for warning in queue_warnings(cfg, info.world_size):
@@ -296,10 +310,65 @@ class Trainer:
 
     # --- eval --------------------------------------------------------------------------
 
+    def _open_zeroshot(self) -> tuple[LabeledImages, tuple[str, ...]] | None:
+        z = self.cfg.eval.zeroshot
+        if not z.data:
+            return None
+        try:
+            data = open_labeled(z.data, read_classes(z.classes))
+            templates = read_templates(z.templates) if z.templates else ZEROSHOT_TEMPLATES
+        except (ZeroShotError, DataError) as e:
+            raise ConfigError(f"eval.zeroshot.data: {e}") from None
+        if self.info.is_main and len(data.classes) < TOP5_MIN_CLASSES:
+            log.info("eval.zeroshot: %d classes, so eval/zeroshot_top5 is not logged (it needs at least %d)",
+                     len(data.classes), TOP5_MIN_CLASSES)
+        return data, templates
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Retrieval on the held-out shards with the query towers (every rank computes the
-        same numbers: no rank idles at a barrier while rank 0 evaluates)."""
+        """Held-out retrieval (data.val) and zero-shot classification (eval.zeroshot) with the
+        query towers; every rank computes the same numbers: no rank idles at a barrier while
+        rank 0 evaluates."""
+        metrics: dict[str, float] = {}
+        if self.cfg.data.val:
+            metrics.update(self.evaluate_retrieval())
+        if self.zeroshot is not None:
+            metrics.update(self.evaluate_zeroshot())
+        self.last_eval = metrics
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_zeroshot(self) -> dict[str, float]:
+        """CLIP's prompt-ensemble zero-shot classification of eval.zeroshot.data (the same
+        code as `moco-mm eval-zeroshot`) -> zeroshot_top1, _top5 (6+ classes), _mean_per_class,
+        _n_images."""
+        data, templates = self.zeroshot
+        q = self.model.query
+        max_length = self.cfg.model.text.max_length
+
+        def embed_images(pixels: torch.Tensor) -> torch.Tensor:
+            with self.stepper.autocast():
+                return q.image(pixels.to(self.device)).float()
+
+        def embed_texts(texts: list[str]) -> torch.Tensor:
+            tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                                 return_tensors="pt")
+            with self.stepper.autocast():
+                return q.text(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)).float()
+
+        q.eval()
+        try:
+            result = zeroshot_evaluate(embed_images, embed_texts,
+                                       data.batches(self.eval_transform, self.cfg.data.batch_size,
+                                                    workers=self.cfg.data.workers),
+                                       data.classes, templates)
+        finally:
+            q.train()
+        return result.metrics("zeroshot_")
+
+    @torch.no_grad()
+    def evaluate_retrieval(self) -> dict[str, float]:
+        """Retrieval on the held-out shards (data.val) with the query towers."""
         cfg = self.cfg
         q = self.model.query
         q.eval()
@@ -322,7 +391,6 @@ class Trainer:
         txt_to_img = torch.tensor([index[int(s)] for s in torch.cat(owners)])
         metrics = retrieval_metrics(torch.cat(imgs) @ torch.cat(txts).t(), txt_to_img)
         metrics["n_images"], metrics["n_captions"] = float(len(img_ids_t)), float(len(txt_to_img))
-        self.last_eval = metrics
         return metrics
 
     # --- the loop ----------------------------------------------------------------------
@@ -386,7 +454,13 @@ class Trainer:
             raise SystemExit(stop_reason)
         if main:
             print(f"done: {self.step} steps; checkpoints in {self.ckpt.root}", flush=True)
-            if self.last_eval:
+            if "zeroshot_top1" in self.last_eval:
+                z = self.last_eval
+                top5 = f", top-5 {z['zeroshot_top5']:.2f}%" if "zeroshot_top5" in z else ""
+                print(f"zero-shot classification at step {self.step} ({int(z['zeroshot_n_images'])} images, "
+                      f"{len(self.zeroshot[0].classes)} classes): top-1 {z['zeroshot_top1']:.2f}%{top5}, "
+                      f"mean per-class {z['zeroshot_mean_per_class']:.2f}%", flush=True)
+            if "n_images" in self.last_eval:
                 n_img = int(self.last_eval["n_images"])
                 n_txt = int(self.last_eval["n_captions"])
                 print(f"held-out retrieval at step {self.step} ({n_img} images, {n_txt} captions; "
