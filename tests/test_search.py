@@ -54,6 +54,33 @@ def test_caption_retrieves_its_own_image_far_above_chance(encoder, val_index):
     assert scores == sorted(scores, reverse=True) and -1.0 <= scores[-1] <= scores[0] <= 1.0 + 1e-6
 
 
+def test_index_holds_a_thumbnail_per_image_row(val_index, trained):
+    """Row i's thumbnail is a JPEG of image i (what a server shows without opening a source)."""
+    import io
+
+    from PIL import Image
+
+    from moco_mm.search import load_image
+    from moco_mm.search.corpus import iter_items
+    from moco_mm.search.thumbs import ThumbStore
+
+    store = ThumbStore.load(val_index)
+    images = SearchIndex.load(val_index, "images")
+    assert store is not None and len(store) == len(images)
+    first = next(iter_items(trained.demo / "val" / "manifest.json"))
+    assert images.meta[0]["id"] == first.id
+    thumb = Image.open(io.BytesIO(store.get(0)))
+    src = first.image if isinstance(first.image, Image.Image) else load_image(first.image)
+    assert thumb.format == "JPEG" and max(thumb.size) <= 128
+    assert thumb.size[0] / thumb.size[1] == pytest.approx(src.size[0] / src.size[1], rel=0.05)
+    # the same picture: mean colour within JPEG loss
+    a = np.asarray(thumb.convert("RGB"), dtype=np.float32).mean(axis=(0, 1))
+    b = np.asarray(src.convert("RGB").resize(thumb.size), dtype=np.float32).mean(axis=(0, 1))
+    assert np.abs(a - b).max() < 8
+    with pytest.raises(IndexError):
+        store.get(len(store))
+
+
 def test_eval_cli_json(encoder, trained, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     data = str(trained.demo / "val" / "manifest.json")

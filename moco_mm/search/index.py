@@ -9,7 +9,9 @@ An index directory holds, per kind (`images`, `captions`):
     KIND.jsonl   line i describes vector i: images {"id", "source", "captions"},
                  captions {"id" (the image's), "caption", "source"}
 and `index.json` (written last): format, export path, model fingerprint, embed_dim, the
-index type and its parameters, counts and skipped inputs.
+index type and its parameters, counts and skipped inputs; `thumbs.bin` + `thumbs.idx.npy`
+hold a small JPEG of every image row (moco_mm.search.thumbs), so a server shows results
+without opening any source path.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from PIL import Image
 from moco_mm.data.make_shards import ImageError
 from moco_mm.search.corpus import Item, corpus_size, iter_items
 from moco_mm.search.encoder import Encoder, SearchError, load_image
+from moco_mm.search.thumbs import THUMBS_BIN, ThumbWriter
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +210,14 @@ def build_index(encoder: Encoder, data: str | os.PathLike, out: str | os.PathLik
             total = min(total, max_samples)
         bar = tqdm(desc="embedding images", unit="img", total=total)
     pending: list[tuple[Item, Image.Image]] = []
+    thumbs = ThumbWriter()
 
     def flush() -> None:
         pixels = torch.stack([encoder.transform(img) for _, img in pending])  # uint8 [n,3,S,S]
         chunks.append(encoder.image_features(encoder.normalize(pixels)).numpy())
         metas.extend({"id": it.id, "source": it.source, "captions": it.captions} for it, _ in pending)
+        for _, img in pending:
+            thumbs.add(img)
         if bar is not None:
             bar.update(len(pending))
         pending.clear()
@@ -267,6 +273,8 @@ def build_index(encoder: Encoder, data: str | os.PathLike, out: str | os.PathLik
                     f.write(json.dumps(m, ensure_ascii=False) + "\n")
             info["parts"][kind] = {"count": len(meta), "faiss_bytes": (tmp / f"{kind}.faiss").stat().st_size, **used}
             seconds[f"build_{kind}"] = time.perf_counter() - t0
+        thumbs.write(tmp)  # row i of images.jsonl: what a server shows, without opening any source path
+        info["thumbnails"] = {"count": len(thumbs), "side": thumbs.side, "bytes": (tmp / THUMBS_BIN).stat().st_size}
         (tmp / INDEX_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
