@@ -120,6 +120,25 @@ def test_hf_clip_start_embeds_as_transformers(sources):
     assert model.cfg.text.tokenizer == str(src)
 
 
+def test_hf_hub_name_is_read_from_the_local_cache_only(sources, tmp_path, monkeypatch):
+    """A hub name resolves to its snapshot in the Hugging Face cache (the layout
+    huggingface_hub writes: refs/main -> snapshots/<commit>/), never to a download."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-clip"
+    shutil.copytree(sources[1], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    m = ModelConfig(init_from="hf-hub:someone/tiny-clip")
+    src = resolve_init(m)
+    assert src.kind == "hf" and src.weights == str(repo / "snapshots" / ("0" * 40))
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
+        resolve_init(ModelConfig(init_from="hf-hub:someone/other-clip"))
+
+
 def test_bad_sources_are_refused_with_the_key(sources, tmp_path):
     src = sources[0]
     cases = []
@@ -306,3 +325,54 @@ def test_finetune_recipe_config_fits_as_stated():
     stated = _planner_line(path)
     assert stated["peak"] == pytest.approx(p.peak_bytes / GIB, abs=0.006)
     assert stated["required"] == pytest.approx(p.required_bytes / GIB, abs=0.006)
+
+
+def test_vision_text_dual_encoder_start_and_hand_back(tmp_path, tokenizer):
+    """A VisionTextDualEncoderModel (a CLIP vision model + a BERT, projections without
+    bias) starts exactly, and a run from it goes back with --format hf (not open_clip)."""
+    from transformers import (
+        BertConfig,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+    )
+
+    from moco_mm.config import Config, dump_config
+    from moco_mm.train.checkpoint import CheckpointManager
+
+    src = tmp_path / "vtde"
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=IMAGE, patch_size=8)
+    text = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=40)
+    VisionTextDualEncoderModel(config=VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision, text, projection_dim=16)).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(src)
+
+    model, tok = _start(str(src), 16)
+    hf = VisionTextDualEncoderModel.from_pretrained(src).eval()
+    pixels = torch.randn(2, 3, IMAGE, IMAGE)
+    t = tok(CAPTIONS[:2], padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        img, txt = _ours(model, tok, pixels, CAPTIONS[:2], 16)
+        assert (img - _features(hf.get_image_features(pixel_values=pixels))).abs().max() <= 1e-5
+        assert (txt - _features(hf.get_text_features(**t))).abs().max() <= 1e-5
+        model.query.image.backbone.projection.weight.mul_(1.5)  # "trained": no longer the start
+
+    # A run directory as the trainer leaves it: the resolved config and a checkpoint.
+    run = tmp_path / "run"
+    cfg = Config()
+    cfg.model = model.cfg
+    cfg.queue.size = 16
+    run.mkdir()
+    dump_config(cfg, run / "config.yaml")
+    CheckpointManager(run / "checkpoints").save(7, model.state_dict(), {"step": 7})
+    res = export_clip(tmp_path / "hf", "hf", run_dir=run)
+    back = VisionTextDualEncoderModel.from_pretrained(res.out).eval()
+    with torch.no_grad():
+        assert (_features(back.get_image_features(pixel_values=pixels)) - model.query.image(pixels)).abs().max() <= 1e-5
+    with pytest.raises(ExportError, match="VisionTextDualEncoderModel"):
+        export_clip(tmp_path / "oc", "open_clip", run_dir=run)
