@@ -41,12 +41,11 @@ def launcher_world_size() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
-    """Join the process group described by the environment; no-op for a single process.
-
-    NCCL when the chosen device is CUDA, gloo otherwise. `timeout_s` bounds every
-    collective wait so that a dead peer ends the run with an error rather than a hang.
-    """
+def launcher_info(device: str = "auto") -> DistInfo:
+    """This process's rank, world size, local rank and device as the launcher set them,
+    WITHOUT joining a process group: for jobs whose ranks never talk to each other (corpus
+    embedding: each rank owns fixed shards, so no rank can wait on another). `device`:
+    auto (CUDA when available), cuda or cpu; CUDA uses device LOCAL_RANK (made current)."""
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = launcher_world_size()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
@@ -58,6 +57,18 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Join the process group described by the environment; no-op for a single process.
+
+    NCCL when the chosen device is CUDA, gloo otherwise. `timeout_s` bounds every
+    collective wait so that a dead peer ends the run with an error rather than a hang.
+    """
+    info = launcher_info(device)
+    rank, world, local_rank, dev = info.rank, info.world_size, info.local_rank, info.device
+    use_cuda = dev.type == "cuda"
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")

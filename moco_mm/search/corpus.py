@@ -68,11 +68,11 @@ def iter_items(data: str | os.PathLike, skipped: list[dict] | None = None) -> It
         for url, count in zip(source.urls, counts):
             for raw in iter_raw_samples(url, lambda u, e: log.warning("shard %s ended early: %s", u, e), count):
                 try:
-                    dec = decode_sample(raw)
+                    item = item_from_raw(raw, url)
                 except Exception as e:  # data._BadSample: a corrupt sample is skipped, not fatal
                     skipped.append({"source": f"{url}:{raw.key}", "reason": str(e)})
                     continue
-                yield Item(dec.sample_id, _shard_source(raw, url), dec.captions, dec.image)
+                yield item
         return
     try:
         rows = read_rows(data)
@@ -84,6 +84,13 @@ def iter_items(data: str | os.PathLike, skipped: list[dict] | None = None) -> It
             continue
         path = Path(row.base) / row.image
         yield Item(row.index, str(path), _row_captions(row), str(path))
+
+
+def item_from_raw(raw, url: str) -> Item:
+    """One raw shard sample (moco_mm.data.iter_raw_samples) -> Item with a decoded image.
+    Raises on a corrupt sample (the reason is the message); iter_items skips those."""
+    dec = decode_sample(raw)
+    return Item(dec.sample_id, _shard_source(raw, url), dec.captions, dec.image)
 
 
 def _shard_source(raw, url: str) -> str:
