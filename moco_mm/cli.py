@@ -19,12 +19,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init-clip": ("moco_mm.model.cli:init_clip_main", "write a random-init OpenCLIP model directory (model.init_from)"),
     "plan-memory": ("moco_mm.plan.cli:main", "will this config fit the GPU? peak memory per part, largest batch"),
     "export": ("moco_mm.search.cli:export_main", "a run's towers -> a self-contained export (+ verified ONNX)"),
-    "search": ("moco_mm.search.cli:search_main", "build a FAISS index of a corpus, or query one"),
+    "embed": ("moco_mm.search.embed:main", "embed a shard set on N ranks (torchrun), resumable, one part per shard"),
+    "search": ("moco_mm.search.cli:search_main", "build a FAISS index of a corpus or of embedded parts, or query one"),
     "eval-retrieval": ("moco_mm.search.cli:eval_retrieval_main", "R@1/5/10, medr, rsum both ways; COCO 5k+1k, F30k 1k"),
     "eval-zeroshot": ("moco_mm.search.zeroshot:main", "zero-shot top-1/top-5/per-class accuracy of an export "
                                                       "(CLIP's prompt ensemble)"),
+    "serve": ("moco_mm.search.serve:main", "web search page + JSON API (clip-retrieval's /knn-service) over an index"),
     "bench": ("moco_mm.bench.step:main", "our step against OpenCLIP and the MoCo/ALBEF style (ratios)"),
     "bench-loader": ("moco_mm.bench.loader:main", "loader samples/s by worker count"),
+    "bench-serve": ("moco_mm.bench.serve_load:main", "p50/p99 latency and queries/s of a running `moco-mm serve`"),
     "compare-objectives": ("moco_mm.bench.compare:main", "every objective, queue/distillation/dedup on and off, CLIP"),
     "gpu-check": ("moco_mm.bench.gpu_check:main", "first run on a GPU: memory vs planner, speed vs OpenCLIP, resume"),
 }

@@ -38,6 +38,8 @@ SEARCH_USAGE = """Build a FAISS index of a corpus with an exported encoder, and 
     moco-mm search index --export EXPORT --data SHARDS|FOLDER|CSV --out INDEX_DIR
         [--captions] [--index flat|ivf|hnsw] [--nlist N] [--hnsw-m M] [--batch-size B]
         [--max-samples N] [--overwrite] [--no-progress]
+    moco-mm search build-index --emb EMB_DIR --out INDEX_DIR [--max-ram 2GB] [--index auto|flat|ivfpq|hnsw]
+        [--recall-queries 1000] [--overwrite]
     moco-mm search query --index INDEX_DIR [--export EXPORT] --text "a red circle" [-k 5]
     moco-mm search query --index INDEX_DIR [--export EXPORT] --image photo.jpg [-k 5]
 
@@ -45,8 +47,14 @@ SEARCH_USAGE = """Build a FAISS index of a corpus with an exported encoder, and 
 exact inner-product search, `ivf` (IVF-Flat, k-means cells trained on the corpus) and
 `hnsw` are approximate, for large corpora. `query --text` ranks the images, `query
 --image` ranks the captions (needs an index built with --captions). --export defaults
-to the export that built the index; another model's export is refused. Exit status 0 on
-success, 2 on an error."""
+to the export that built the index; another model's export is refused.
+
+`build-index` turns the parts of `moco-mm embed` (any number of ranks) into the same
+index directory without holding every vector in memory: it picks flat (exact), HNSW or
+IVF-PQ from the corpus size and --max-ram (rules in `moco_mm.search.streaming` and the
+README; stored in index.json), trains on a sample read part by part, adds part by part,
+and reports recall@10 against exact search for image->image and text->image queries.
+Exit status 0 on success, 2 on an error."""
 
 EVAL_USAGE = """Image<->text retrieval metrics of an exported encoder on held-out shards.
 
@@ -128,6 +136,27 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_index(args: argparse.Namespace) -> int:
+    from moco_mm.search.streaming import build_index_from_parts
+
+    t0 = time.perf_counter()
+    report = build_index_from_parts(args.emb, args.out, max_ram=args.max_ram, index=args.index,
+                                    recall_queries=args.recall_queries, overwrite=args.overwrite,
+                                    say=lambda s: print(f"build-index: {s}", file=sys.stderr, flush=True))
+    info = report.info
+    for kind, part in info["parts"].items():
+        print(f"{kind}: {part['count']} vectors, {part['index_type']} index ({part['faiss_bytes']} bytes)")
+    r = info["recall"]
+    print(f"recall@{r['k']} vs exact search: " + ", ".join(
+        f"{name} {r[name]:.3f}" for name in ("image->image", "text->image", "image->caption") if name in r)
+        + f" ({r['image_queries']} held-out image queries, {r['text_queries']} caption queries)")
+    if info["skipped"]:
+        first = info["skipped"][0]
+        print(f"{len(info['skipped'])} samples were skipped while embedding, e.g. {first['source']}: {first['reason']}")
+    print(f"wrote {report.out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     kind = "images" if args.text is not None else "captions"
     index = S.SearchIndex.load(args.index, kind, nprobe=args.nprobe, ef_search=args.ef_search)
@@ -170,6 +199,19 @@ def search_main(argv: list[str] | None = None) -> int:
     ix.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ix.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    from moco_mm.search import streaming
+
+    bi = sub.add_parser("build-index", help="index the parts of `moco-mm embed` within a memory budget",
+                        description=streaming.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bi.add_argument("--emb", required=True, help="embedding directory (moco-mm embed --out)")
+    bi.add_argument("--out", required=True, help="index directory to write")
+    bi.add_argument("--max-ram", default="2GB", help="memory budget: 2GB, 512MB, 64KB (powers of 1024) or bytes")
+    bi.add_argument("--index", choices=("auto", "flat", "ivfpq", "hnsw"), default="auto",
+                    help="auto (default): flat, HNSW or IVF-PQ by corpus size and --max-ram")
+    bi.add_argument("--recall-queries", type=int, default=1000,
+                    help="queries per kind for the recall@10 report (image queries: at most N/10)")
+    bi.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
     q = sub.add_parser("query", help="search an index with a text or an image")
     q.add_argument("--index", required=True, help="index directory")
     q.add_argument("--export", default=None, help="export directory (default: the one that built the index)")
@@ -183,7 +225,7 @@ def search_main(argv: list[str] | None = None) -> int:
         p.add_argument("--ef-search", type=int, default=None if p is q else 64, help="hnsw: search breadth")
     args = ap.parse_args(argv)
     try:
-        return cmd_index(args) if args.command == "index" else cmd_query(args)
+        return {"index": cmd_index, "build-index": cmd_build_index, "query": cmd_query}[args.command](args)
     except (S.SearchError, ExportError, DataError, ImageError, ValueError) as e:
         print(f"search: error: {e}", file=sys.stderr)
         return 2
