@@ -97,17 +97,19 @@ def test_clip_mode_two_processes_train_like_one_process_on_the_global_batch(tmp_
     assert moved > 10  # the comparison is between trained weights, not initial ones
 
 
-@pytest.mark.parametrize("loss", sorted(LOSSES))
-def test_every_loss_trains_under_ddp_with_a_learnable_temperature(tmp_path, loss):
+def test_every_loss_trains_under_ddp_with_a_learnable_temperature(tmp_path):
     """DDP stops a run whose trained parameter gets no gradient; the margin losses ignore
-    the temperature, so it must not be a trained parameter for them."""
-    torchrun(ROOT / "tests/scripts/dist_steps.py", "--out", str(tmp_path), "--steps", "2", "--loss", loss)
-    r0 = load_file(tmp_path / "rank0_final.safetensors")
-    r1 = load_file(tmp_path / "rank1_final.safetensors")
-    for name in r0:
-        assert torch.equal(r0[name], r1[name]), name
-    losses = json.loads((tmp_path / "losses.json").read_text())
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    the temperature, so it must not be a trained parameter for them. Every objective runs
+    in one torchrun (a fresh model and DDP wrapper each, in the same process group)."""
+    names = sorted(LOSSES)
+    torchrun(ROOT / "tests/scripts/dist_steps.py", "--out", str(tmp_path), "--steps", "2", "--loss", ",".join(names))
+    for loss in names:
+        r0 = load_file(tmp_path / loss / "rank0_final.safetensors")
+        r1 = load_file(tmp_path / loss / "rank1_final.safetensors")
+        for name in r0:
+            assert torch.equal(r0[name], r1[name]), f"{loss}: {name}"
+        losses = json.loads((tmp_path / loss / "losses.json").read_text())
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses), f"{loss}: {losses}"
 
 
 def test_ranks_draw_their_own_dropout_masks_with_identical_weights(tmp_path):

@@ -3,7 +3,9 @@ what the test compares.
 
 Writes OUT/rank{r}_final.safetensors (the whole model state), and from rank 0:
 OUT/step{s}_before.safetensors (model state before step s), OUT/losses.json
-(per-step loss averaged over ranks).
+(per-step loss averaged over ranks). `--loss a,b,c` runs each objective in turn in the
+same process group (one torchrun start for all: the start dominates a 2-step run), each
+from the same initial weights, into OUT/<loss>/.
 """
 
 import argparse
@@ -31,35 +33,42 @@ args = p.parse_args()
 out_dir = Path(args.out)
 
 info = D.init_distributed("cpu")
-torch.manual_seed(0)  # identical initial weights on every rank
-cfg = tiny_bn_model_config() if args.bn else tiny_model_config()
-cfg.momentum_encoder = not args.clip
-cfg.loss = args.loss
-model = DualQueueMoCo(cfg, QueueConfig(size=args.queue, enabled=not args.clip))
-query = DDP(model.query) if info.world_size > 1 else model.query
-opt = torch.optim.SGD([p for p in model.query.parameters() if p.requires_grad], lr=0.5)
 
 
-def state():
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+def run(loss: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)  # identical initial weights on every rank
+    cfg = tiny_bn_model_config() if args.bn else tiny_model_config()
+    cfg.momentum_encoder = not args.clip
+    cfg.loss = loss
+    model = DualQueueMoCo(cfg, QueueConfig(size=args.queue, enabled=not args.clip))
+    query = DDP(model.query) if info.world_size > 1 else model.query
+    opt = torch.optim.SGD([p for p in model.query.parameters() if p.requires_grad], lr=0.5)
 
+    def state():
+        return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
-losses = []
-for step in range(args.steps):
-    gb = tiny_batch(args.batch * info.world_size, seed=step, first_id=step * 1000)
-    local = {k: v[info.rank * args.batch:(info.rank + 1) * args.batch] for k, v in gb.items()}
+    losses = []
+    for step in range(args.steps):
+        gb = tiny_batch(args.batch * info.world_size, seed=step, first_id=step * 1000)
+        local = {k: v[info.rank * args.batch:(info.rank + 1) * args.batch] for k, v in gb.items()}
+        if info.is_main:
+            save_file(state(), out / f"step{step}_before.safetensors")
+        model.momentum_update(0.9)
+        o = model(**local, query=query)
+        o.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.query.clamp_temperature()
+        model.enqueue(o)
+        losses.append(D.all_reduce_mean(o.loss.detach()).item())
+
+    save_file(state(), out / f"rank{info.rank}_final.safetensors")
     if info.is_main:
-        save_file(state(), out_dir / f"step{step}_before.safetensors")
-    model.momentum_update(0.9)
-    out = model(**local, query=query)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad()
-    model.query.clamp_temperature()
-    model.enqueue(out)
-    losses.append(D.all_reduce_mean(out.loss.detach()).item())
+        (out / "losses.json").write_text(json.dumps(losses))
 
-save_file(state(), out_dir / f"rank{info.rank}_final.safetensors")
-if info.is_main:
-    (out_dir / "losses.json").write_text(json.dumps(losses))
+
+names = args.loss.split(",")
+for name in names:
+    run(name, out_dir if len(names) == 1 else out_dir / name)
 D.shutdown()
