@@ -138,6 +138,29 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_gather_varlen(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Concatenate each `x` [n_r, ...] from every rank along dim 0, in rank order, when the
+    row counts n_r differ between ranks (trailing dims and dtype may not; a rank with no rows
+    passes [0, ...] of the same trailing shape). One gather of every tensor's row count, then
+    one gather per tensor of its rows padded to the largest count; the padding is cut away.
+    Tensors travel on their own device (CUDA under NCCL). Identity for one process. Waits
+    are bounded by the process group's timeout (run.process_group_timeout_s), as every one is."""
+    if not is_dist():
+        return xs
+    counts = all_gather_cat(torch.tensor([x.shape[0] for x in xs], dtype=torch.int64, device=xs[0].device))
+    counts = counts.view(world_size(), len(xs)).tolist()  # [rank][tensor]
+    out = []
+    for j, x in enumerate(xs):
+        sizes = [row[j] for row in counts]
+        pad = max(sizes)
+        buf = x.new_zeros((pad, *x.shape[1:]))
+        buf[:x.shape[0]] = x
+        full = all_gather_cat(buf)
+        out.append(torch.cat([full[r * pad:r * pad + n] for r, n in enumerate(sizes)]))
+    return tuple(out)
+
+
+@torch.no_grad()
 def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
     """Exchange rows: the first send[0] rows of `x` go to rank 0, the next send[1] to rank 1,
     ...; returns the rows received, rank 0's first ([sum(recv), ...], x's dtype). The split

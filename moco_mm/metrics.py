@@ -305,12 +305,17 @@ def classification_metrics(ranks: torch.Tensor, labels: torch.Tensor, n_classes:
 def zeroshot_evaluate(embed_images: Callable[[Any], Any], embed_texts: Callable[[list[str]], Any],
                       batches: Iterable[dict], classes: ClassList | Sequence[str],
                       templates: Sequence[str] = ZEROSHOT_TEMPLATES, *, text_batch_size: int = 256,
-                      progress: bool = False, total: int | None = None) -> ZeroShotResult:
+                      progress: bool = False, total: int | None = None,
+                      gather: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      ) -> ZeroShotResult:
     """Zero-shot classification with CLIP's prompt ensemble (see zeroshot_classifier).
 
     batches: dicts with "image" (whatever `embed_images` takes, e.g. uint8 [b,3,S,S]) and
     "label" int64 [b] (class indices); moco_mm.data.labeled yields these. `embed_images(batch["image"])` -> [b, D].
     logits = normalize(image embedding) . class embedding; -> ZeroShotResult.
+    gather: when `batches` is one rank's share of the images, (ranks [n], labels [n]) of this
+    share -> those of every share (the trainer passes moco_mm.distributed.all_gather_varlen);
+    the metrics are sums of per-image integers, so the order of the images does not matter.
     """
     texts = classes.texts if isinstance(classes, ClassList) else tuple(classes)
     weights = zeroshot_classifier(embed_texts, texts, templates, batch_size=text_batch_size, progress=progress)
@@ -332,6 +337,10 @@ def zeroshot_evaluate(embed_images: Callable[[Any], Any], embed_texts: Callable[
     finally:
         if bar is not None:
             bar.close()
-    if not ranks:
+    all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+    all_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    if gather is not None:
+        all_ranks, all_labels = gather(all_ranks, all_labels)
+    if not len(all_ranks):
         raise ZeroShotError("no image to classify")
-    return classification_metrics(torch.cat(ranks), torch.cat(labels), len(texts), n_templates=len(templates))
+    return classification_metrics(all_ranks, all_labels, len(texts), n_templates=len(templates))

@@ -355,6 +355,13 @@ def test_eval_iterator_yields_every_sample_once_in_order(tmp_path, tokenizer):
     split = [ids(list(iter_eval_batches(source, batch_size=4, transform=tf, rank=r, world_size=2)))
              for r in (0, 1)]
     assert sorted(split[0] + split[1]) == good and not set(split[0]) & set(split[1])
+    # block=3: whole runs of 3 raw samples dealt out in turn (raw 6 is the corrupt one);
+    # `position` is each sample's raw index.
+    blocks = [list(iter_eval_batches(source, batch_size=3, transform=tf, rank=r, world_size=2, block=3))
+              for r in (0, 1)]
+    assert [b["position"].tolist() for b in blocks[0]] == [[0, 1, 2], [7, 8]]
+    assert [b["position"].tolist() for b in blocks[1]] == [[3, 4, 5], [9]]
+    assert torch.equal(torch.cat([b["position"] for b in batches]), torch.tensor([0, 1, 2, 3, 4, 5, 7, 8, 9]))
 
 
 def test_transforms(tokenizer):

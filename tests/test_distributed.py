@@ -41,6 +41,15 @@ def test_ranks_hold_identical_queues_and_towers(two_rank_run):
     assert sorted(r0["text_queue.id_store"].tolist()) == sorted([3000 + i for i in range(6)] + [2002, 2003, 2004, 2005])
 
 
+def test_all_gather_varlen_concatenates_uneven_shares_in_rank_order(two_rank_run):
+    """Rank 0 sends 3 rows and 1 id, rank 1 no rows and 2 ids: every rank gets them all."""
+    want = [[[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], [0, 100, 101]]
+    for r in (0, 1):
+        assert json.loads((two_rank_run / f"varlen_rank{r}.json").read_text()) == want
+    x = torch.ones(2, 3)
+    assert D.all_gather_varlen(x)[0] is x  # one process: identity
+
+
 def test_two_process_loss_equals_single_process_loss_on_global_batch(two_rank_run):
     losses = json.loads((two_rank_run / "losses.json").read_text())
     assert len(D.gather_objects(0)) == 1  # this process has no process group

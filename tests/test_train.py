@@ -155,11 +155,32 @@ def two_proc_config(demo: Path, run_dir: Path, **extra) -> dict:
                              queue={"size": 250_000}, checkpoint={"every": 4, "keep": 2}, **extra)
 
 
+def labelled_folder(root: Path, per_class: int = 13) -> tuple[Path, Path]:
+    """An ImageFolder of 3 classes x `per_class` 32 px PNGs (noise around a colour) and its
+    classes file."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        (root / "images" / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "images" / f"c{c}" / f"{i:02d}.png")
+    (root / "classes.txt").write_text("red\ngreen\nblue\n")
+    return root / "images", root / "classes.txt"
+
+
 @pytest.fixture(scope="module")
 def multinode_reference(demo, tmp_path_factory) -> Path:
-    """The reference 2-rank run: two torchrun invocations with --nnodes=2 on 127.0.0.1."""
+    """The reference 2-rank run: two torchrun invocations with --nnodes=2 on 127.0.0.1.
+    It evaluates at its last step, divided between the ranks: 56 held-out samples in
+    batches of 16 (rank 0 embeds 16 + 16, rank 1 16 + 8) and 39 labelled images (16 + 7 and
+    16); training itself is the same as without the eval (the other runs compare weights)."""
     tmp = tmp_path_factory.mktemp("multinode")
-    cfg = write_config(two_proc_config(demo, tmp / "run"), tmp / "c.yaml")
+    images, classes = labelled_folder(tmp / "zs")
+    cfg = write_config(two_proc_config(demo, tmp / "run", eval={
+        "every": 24, "max_samples": 56, "zeroshot": {"data": str(images), "classes": str(classes)}}), tmp / "c.yaml")
     port = free_port()
     node = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
             f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=moco_mm_test", "-m", "moco_mm.train", "--config", str(cfg)]
@@ -190,6 +211,24 @@ def test_two_ranks_train_loss_falls_and_checkpoints_rotate(multinode_reference):
     assert any(k.startswith("key.image.") for k in tensors) and any(k.startswith("query.text.") for k in tensors)
     state = torch.load(multinode_reference / "checkpoints" / "step_00000024" / "train_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and len(state["loader"]) == 2
+
+
+def test_two_rank_eval_equals_one_process_eval_of_the_same_weights(multinode_reference, tmp_path):
+    """The eval divided between 2 ranks and gathered logs exactly (bit for bit) the numbers
+    one process computes from the same checkpoint."""
+    from moco_mm import distributed as D
+    from moco_mm.train import Trainer
+
+    rows = [m for m in metrics(multinode_reference) if "eval/i2t_R@1" in m]
+    assert [m["step"] for m in rows] == [24]
+    logged = {k.removeprefix("eval/"): v for k, v in rows[0].items() if k.startswith("eval/")}
+    assert logged["n_images"] == 56 and logged["zeroshot_n_images"] == 39
+    cfg = load_config(multinode_reference / "config.yaml", [f"run.output_dir={tmp_path / 'one'}"])
+    trainer = Trainer(cfg, D.init_distributed("cpu"))
+    assert trainer.info.world_size == 1
+    tensors, _ = CheckpointManager.load(multinode_reference / "checkpoints" / "step_00000024")
+    trainer.model.load_state_dict(tensors)
+    assert trainer.evaluate() == logged
 
 
 def _children(pid: int) -> list[int]:

@@ -92,13 +92,20 @@ class LabeledImages:
         return len(self.files) if self.files is not None else self.source.total_samples
 
     def batches(self, transform: Callable[[Image.Image], torch.Tensor], batch_size: int = 64, *,
-                workers: int = 0) -> Iterator[dict]:
+                workers: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
         """Every image once, in a fixed order (folder: class by class in label order, files
         sorted; shards: shard and tar order). `workers` > 0 decodes and transforms images in that
-        many threads (the tars themselves are read in order on the calling thread)."""
+        many threads (the tars themselves are read in order on the calling thread).
+
+        With world_size > 1, this rank's share only: image k (in that order, unreadable ones
+        counted) belongs to rank (k // batch_size) % world_size, whole batches dealt out in
+        turn, so a rank's batches are those one process would form. A rank whose share holds
+        no readable image yields nothing (the caller checks the total over ranks)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         items = self._folder_items() if self.files is not None else self._shard_items()
+        if world_size > 1:
+            items = (item for k, item in enumerate(items) if (k // batch_size) % world_size == rank)
         images: list[torch.Tensor] = []
         labels: list[int] = []
         yielded = 0
@@ -135,7 +142,7 @@ class LabeledImages:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        if yielded == 0:
+        if yielded == 0 and world_size == 1:
             raise DataError(f"{self.data}: no readable image" + (f", e.g. {first_bad}" if first_bad else ""))
 
     def _folder_items(self) -> Iterator[tuple[Callable[[], Image.Image], int, str]]:

@@ -744,13 +744,17 @@ def _check_positions(positions: Sequence[int], start_step: int, plan: EpochPlan)
 def iter_eval_batches(source: ShardSource, *, batch_size: int, transform: ImageTransform,
                       tokenizer: Any = None, max_length: int | None = None, rank: int = 0,
                       world_size: int = 1, max_samples: int | None = None,
-                      max_consecutive_bad: int = 1000) -> Iterator[dict]:
+                      max_consecutive_bad: int = 1000, block: int = 1) -> Iterator[dict]:
     """Every good sample of `source` once, in shard and tar order (no shuffle, no drop-last).
 
-    Raw sample k (global order, counting corrupt ones) belongs to rank k % world_size;
-    `max_samples` keeps the first max_samples raw samples. Batches hold up to batch_size:
+    Raw sample k (global order, counting corrupt ones) belongs to rank (k // block) %
+    world_size: block=1 deals samples out one by one; block=batch_size deals out whole
+    batches, so that (without corrupt samples) every rank's batches are exactly the batches a
+    single process would form, and embed to the same bits. `max_samples` keeps the first
+    max_samples raw samples. Batches hold up to batch_size:
         image [b,3,H,W] uint8 (the eval transform's pixels, NOT normalised: the consumer calls
               transform.normalize(image on its device) -> float32), sample_id [b] int64,
+        position [b] int64 (each sample's raw index k: the global order, whatever the rank),
         captions list[list[str]] (all of them), n_skipped int64 [], and with a tokenizer,
         every caption flattened in order:
         input_ids [c,L] int64, attention_mask [c,L] int64, caption_sample_id [c] int64.
@@ -758,12 +762,15 @@ def iter_eval_batches(source: ShardSource, *, batch_size: int, transform: ImageT
     """
     if tokenizer is not None and not max_length:
         raise ValueError("iter_eval_batches: a tokenizer needs max_length")
+    if block < 1:
+        raise ValueError(f"iter_eval_batches: block must be >= 1, got {block}")
     where = f"eval rank {rank}"
     bad_log = _BadSampleLog(where)
     recent: collections.deque[tuple[RawSample, str]] = collections.deque(maxlen=32)
     consecutive = skipped = yielded = 0
     images: list[torch.Tensor] = []
     ids: list[int] = []
+    positions: list[int] = []
     caps: list[list[str]] = []
 
     def on_error(url: str, exc: BaseException) -> None:
@@ -772,6 +779,7 @@ def iter_eval_batches(source: ShardSource, *, batch_size: int, transform: ImageT
     def flush() -> dict:
         nonlocal skipped
         batch: dict[str, Any] = {"image": torch.stack(images), "sample_id": torch.tensor(ids, dtype=torch.int64),
+                                 "position": torch.tensor(positions, dtype=torch.int64),
                                  "captions": [list(c) for c in caps],
                                  "n_skipped": torch.tensor(skipped, dtype=torch.int64)}
         if tokenizer is not None:
@@ -784,6 +792,7 @@ def iter_eval_batches(source: ShardSource, *, batch_size: int, transform: ImageT
                                                       dtype=torch.int64)
         images.clear()
         ids.clear()
+        positions.clear()
         caps.clear()
         skipped = 0
         return batch
@@ -793,7 +802,7 @@ def iter_eval_batches(source: ShardSource, *, batch_size: int, transform: ImageT
     for k, raw in enumerate(raws):
         if max_samples is not None and k >= max_samples:
             break
-        if k % world_size != rank:
+        if (k // block) % world_size != rank:
             continue
         try:
             dec = decode_sample(raw)
@@ -808,6 +817,7 @@ def iter_eval_batches(source: ShardSource, *, batch_size: int, transform: ImageT
         consecutive = 0
         images.append(transform(dec.image))
         ids.append(dec.sample_id)
+        positions.append(k)
         caps.append(dec.captions)
         if len(images) == batch_size:
             yielded += len(images)

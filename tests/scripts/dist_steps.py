@@ -71,4 +71,10 @@ def run(loss: str, out: Path) -> None:
 names = args.loss.split(",")
 for name in names:
     run(name, out_dir if len(names) == 1 else out_dir / name)
+# all_gather_varlen: rank r sends 3 - 3r rows of a [n, 2] float tensor (rank 1 none) and r + 1
+# ids; every rank writes what it got.
+rows = torch.arange(6, dtype=torch.float32).view(3, 2)[:3 - 3 * info.rank] + 10 * info.rank
+ids = torch.arange(info.rank + 1, dtype=torch.int64) + 100 * info.rank
+got = D.all_gather_varlen(rows, ids)
+(out_dir / f"varlen_rank{info.rank}.json").write_text(json.dumps([t.tolist() for t in got]))
 D.shutdown()
