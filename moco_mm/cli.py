@@ -14,6 +14,8 @@ import sys
 # name -> (module:function, one line for the command list)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("moco_mm.train.cli:main", "pretrain or fine-tune (also under torchrun); --help lists every config key"),
+    "plot": ("moco_mm.train.plot:main", "PNGs of runs' metrics.jsonl overlaid: loss, temperature, R@1, samples/s, "
+                                        "data wait"),
     "demo-data": ("moco_mm.data.cli:demo_data_main", "build the procedural demo shards and tokenizer"),
     "make-shards": ("moco_mm.data.cli:make_shards_main", "CSV/TSV/JSONL/folder/Karpathy COCO, Flickr30k -> shards"),
     "init-clip": ("moco_mm.model.cli:init_clip_main", "write a random-init OpenCLIP model directory (model.init_from)"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import re
 import types
 import typing
@@ -194,6 +195,8 @@ class LoggingConfig:
     project: str = opt("moco_mm", "wandb project")
     run_name: str = opt("", "wandb run name; empty: wandb chooses one")
     progress: bool = opt(True, "the rank-0 progress bar")
+    tensorboard: bool = opt(False, "rank 0 also writes every metrics.jsonl line as TensorBoard scalars to "
+                                   "RUN_DIR/tensorboard/ (needs the tensorboard package: the 'logging' extra)")
 
 
 @dataclass
@@ -205,7 +208,7 @@ class Config:
     optim: OptimConfig = section(OptimConfig, "AdamW, schedule, clipping, accumulation")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "saving and resuming")
     eval: EvalConfig = section(EvalConfig, "held-out retrieval and zero-shot classification during training")
-    logging: LoggingConfig = section(LoggingConfig, "wandb and the progress bar")
+    logging: LoggingConfig = section(LoggingConfig, "wandb, TensorBoard and the progress bar")
 
     def validate(self, world_size: int = 1) -> "Config":
         """Cross-field checks. Raises ConfigError naming the key; returns self."""
@@ -255,7 +258,13 @@ class Config:
         if self.eval.every and not self.data.val and not self.eval.zeroshot.data:
             raise ConfigError("data.val: eval.every is set but no held-out shards are given (nor "
                               "eval.zeroshot.data)")
+        if self.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(TENSORBOARD_MISSING)
         return self
+
+
+TENSORBOARD_MISSING = ("logging.tensorboard: true needs the tensorboard package, which is not installed: "
+                       "pip install 'moco-mm[logging]' (or 'tensorboard>=2.16'), or set logging.tensorboard: false")
 
 
 def queue_warnings(cfg: Config, world_size: int) -> list[str]:

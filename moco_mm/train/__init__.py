@@ -4,7 +4,8 @@
     step.py        TrainStep: one optimizer step (accumulation, non-finite skip, EMA, enqueue)
     cli.py         the program: parse, validate the config, join the process group, train
     checkpoint.py  atomic step directories, COMPLETE marker, rotation, RNG capture
-    run_log.py     metrics.jsonl, the rank-0 progress bar, wandb
+    run_log.py     metrics.jsonl, the rank-0 progress bar, wandb, TensorBoard
+    plot.py        `moco-mm plot`: PNGs of runs' metrics.jsonl (matplotlib)
 
 `python -m moco_mm.train --config configs/NAME.yaml [dotted.key=value ...]` and
 `moco-mm train ...` run `cli.main`.

@@ -1,4 +1,4 @@
-"""Where a run reports: metrics.jsonl, the rank-0 progress bar, and wandb.
+"""Where a run reports: metrics.jsonl, the rank-0 progress bar, wandb and TensorBoard.
 
 Each logger is built with `enabled` (true on rank 0 only), so the training loop calls
 them unconditionally and other ranks stay quiet without `if rank == 0` at every call.
@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from moco_mm.config import Config, to_dict
+from moco_mm.config import TENSORBOARD_MISSING, Config, ConfigError, to_dict
 
 
 class MetricsLog:
@@ -89,3 +89,45 @@ class WandbLogger:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+class TensorBoardLogger:
+    """logging.tensorboard: every metrics.jsonl record as scalars (same keys, `step` as the
+    global step) in event files under `log_dir` (RUN_DIR/tensorboard/).
+
+    On resume from step s the run appends a new event file to the same directory, starting
+    with a purge at s + 1: TensorBoard (and its EventAccumulator) then drops whatever the
+    interrupted run logged after its checkpoint, as MetricsLog drops those lines, so each
+    step reads once, with the value of the run that went on from the checkpoint.
+    """
+
+    def __init__(self, log_dir: Path, enabled: bool, resume_step: int = 0):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(TENSORBOARD_MISSING) from None
+        log_dir = Path(log_dir)
+        earlier = log_dir.is_dir() and any(log_dir.glob("events.out.tfevents.*"))
+        # A fresh directory needs no purge; after an earlier run (even one that stopped before
+        # its first checkpoint, resume_step 0) every step past the checkpoint goes.
+        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if earlier else None)
+
+    def log(self, m: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in m.items():
+            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            self.writer.add_scalar(key, float(value), global_step=step)  # NaN and inf too, as metrics.jsonl has them
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -44,7 +44,7 @@ from moco_mm.metrics import (
 )
 from moco_mm.model import DualQueueMoCo, load_tokenizer, momentum_at, resolve_init
 from moco_mm.train.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
-from moco_mm.train.run_log import MetricsLog, ProgressBar, WandbLogger
+from moco_mm.train.run_log import MetricsLog, ProgressBar, TensorBoardLogger, WandbLogger
 from moco_mm.train.step import TrainStep
 
 log = logging.getLogger("moco_mm.train")
@@ -327,8 +327,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out retrieval (data.val) and zero-shot classification (eval.zeroshot) with the
-        query towers; every rank computes the same numbers: no rank idles at a barrier while
-        rank 0 evaluates."""
+        query towers, divided between the ranks: each embeds its share (whole batches dealt
+        out in turn), the shares are gathered (collectives bounded by the process-group
+        timeout) and every rank computes the same numbers as one process would: no rank idles
+        at a barrier while rank 0 evaluates. One process: no collective."""
         metrics: dict[str, float] = {}
         if self.cfg.data.val:
             metrics.update(self.evaluate_retrieval())
@@ -358,39 +360,68 @@ class Trainer:
 
         q.eval()
         try:
+            # Each rank classifies its share of the images; the class embeddings are computed
+            # whole on every rank (classes x templates prompts: small next to the images).
             result = zeroshot_evaluate(embed_images, embed_texts,
                                        data.batches(self.eval_transform, self.cfg.data.batch_size,
-                                                    workers=self.cfg.data.workers),
-                                       data.classes, templates)
+                                                    workers=self.cfg.data.workers, rank=self.info.rank,
+                                                    world_size=self.info.world_size),
+                                       data.classes, templates, gather=self._gather_eval)
         finally:
             q.train()
         return result.metrics("zeroshot_")
 
+    def _gather_eval(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every rank's rows of each CPU tensor, in rank order, on the CPU (through the
+        device: NCCL gathers CUDA tensors). Identity for one process."""
+        if self.info.world_size == 1:
+            return xs
+        return tuple(x.cpu() for x in D.all_gather_varlen(*(x.to(self.device) for x in xs)))
+
     @torch.no_grad()
     def evaluate_retrieval(self) -> dict[str, float]:
-        """Retrieval on the held-out shards (data.val) with the query towers."""
+        """Retrieval on the held-out shards (data.val) with the query towers.
+
+        Rank r embeds the batches r, r + W, r + 2W, ... of the first eval.max_samples samples
+        (whole batches: the same batches, so the same bits, as one process); the embeddings
+        and each sample's position are gathered and put back in the single-process order, so
+        the similarity matrix, and the metrics, are those of one process (ties included)."""
         cfg = self.cfg
         q = self.model.query
         q.eval()
-        imgs, txts, owners, img_ids = [], [], [], []
+        dim = cfg.model.embed_dim
+        imgs, txts = [torch.zeros(0, dim)], [torch.zeros(0, dim)]
+        img_pos, txt_owner = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
         try:
             for batch in iter_eval_batches(
                     ShardSource.from_spec(cfg.data.val), batch_size=cfg.data.batch_size,
                     transform=self.eval_transform, tokenizer=self.tokenizer,
-                    max_length=cfg.model.text.max_length, max_samples=cfg.eval.max_samples):
+                    max_length=cfg.model.text.max_length, max_samples=cfg.eval.max_samples,
+                    rank=self.info.rank, world_size=self.info.world_size, block=cfg.data.batch_size):
                 with self.stepper.autocast():
                     imgs.append(q.image(batch["image"].to(self.device)).float().cpu())
                     txts.append(q.text(batch["input_ids"].to(self.device),
                                        batch["attention_mask"].to(self.device)).float().cpu())
-                img_ids.append(batch["sample_id"])
-                owners.append(batch["caption_sample_id"])
+                img_pos.append(batch["position"])
+                # Caption owners by the image's position (sample ids need not be unique).
+                txt_owner.append(torch.tensor([int(p) for p, caps in zip(batch["position"], batch["captions"])
+                                               for _ in caps], dtype=torch.int64))
         finally:
             q.train()
-        img_ids_t = torch.cat(img_ids)
-        index = {int(s): i for i, s in enumerate(img_ids_t)}
-        txt_to_img = torch.tensor([index[int(s)] for s in torch.cat(owners)])
-        metrics = retrieval_metrics(torch.cat(imgs) @ torch.cat(txts).t(), txt_to_img)
-        metrics["n_images"], metrics["n_captions"] = float(len(img_ids_t)), float(len(txt_to_img))
+        img, txt, pos, owner = self._gather_eval(torch.cat(imgs), torch.cat(txts), torch.cat(img_pos),
+                                                 torch.cat(txt_owner))
+        if self.info.world_size > 1:
+            # Back to the single-process order: images by position; captions by their image's
+            # position, a stable sort (an image's captions arrive together, in order).
+            order = torch.argsort(pos)
+            img, pos = img[order], pos[order]
+            by_owner = torch.sort(owner, stable=True).indices
+            txt, owner = txt[by_owner], owner[by_owner]
+        if not len(pos):
+            raise DataError(f"data.val: no readable held-out sample in {cfg.data.val}")
+        txt_to_img = torch.searchsorted(pos, owner)
+        metrics = retrieval_metrics(img @ txt.t(), txt_to_img)
+        metrics["n_images"], metrics["n_captions"] = float(len(pos)), float(len(txt_to_img))
         return metrics
 
     # --- the loop ----------------------------------------------------------------------
@@ -404,6 +435,8 @@ class Trainer:
         self.restore()
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=main, resume_step=self.step)
         wandb = WandbLogger(cfg, enabled=main)
+        tensorboard = TensorBoardLogger(self.run_dir / "tensorboard", enabled=main and cfg.logging.tensorboard,
+                                        resume_step=self.step)
         bar = ProgressBar(total=cfg.run.steps, initial=self.step, enabled=main and cfg.logging.progress)
         global_batch = cfg.data.batch_size * self.info.world_size * cfg.optim.accum_steps
         batches = self._batches()
@@ -437,6 +470,7 @@ class Trainer:
                     m.update({f"eval/{k}": v for k, v in self.evaluate().items()})
                 metrics_log.write(m)
                 wandb.log(m, self.step)
+                tensorboard.log(m, self.step)
                 bar.update_to(self.step, m)
                 window_t, window_steps, window_data = time.perf_counter(), 0, 0.0
             elif cfg.eval.every and self.step % cfg.eval.every == 0:
@@ -444,12 +478,15 @@ class Trainer:
                 m["step"] = self.step
                 metrics_log.write(m)
                 wandb.log(m, self.step)
+                tensorboard.log(m, self.step)
             if self.step % cfg.checkpoint.every == 0 or self.step == cfg.run.steps or stop_reason:
                 self.save_checkpoint()
+                tensorboard.flush()  # the events up to a checkpoint are on disk with it
             if stop_reason:
                 break
         bar.close()
         wandb.finish()
+        tensorboard.close()
         if stop_reason:
             raise SystemExit(stop_reason)
         if main:
