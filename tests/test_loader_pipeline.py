@@ -203,7 +203,8 @@ def test_stream_equals_the_concatenated_epochs(source, tokenizer, transform, wor
         check_batch(b, tokenizer, 4, groups=True)
         state.update(b)  # follows the epoch changes
     positions = [new[-1]["worker_pos"]] + [0] * (max(workers, 1) - 1)  # epoch 3 has begun on reader 0
-    assert state.to_dict() == {"epoch": 3, "step": 1, "positions": positions}
+    offsets = [list(new[-1]["worker_offset"])] + [None] * (max(workers, 1) - 1)  # where a resume would read
+    assert state.to_dict() == {"epoch": 3, "step": 1, "positions": positions, "offsets": offsets}
 
 
 def test_resume_mid_epoch_across_the_epoch_boundary_is_exact(source, tokenizer, transform):

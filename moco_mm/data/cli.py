@@ -136,3 +136,53 @@ def demo_data_main(argv: list[str] | None = None) -> int:
     verb = "built" if paths.built else "already complete, kept"
     print(f"demo_data: {verb}: train={paths.train} val={paths.val} tokenizer={paths.tokenizer}")
     return 0
+
+
+MAKE_MANIFEST_USAGE = """Write the manifest.json the loader reads (shard URLs + samples per shard) for shards
+written by others, e.g. img2dataset.
+
+    moco-mm make-manifest laion/ --out laion/manifest.json                # img2dataset stats
+    moco-mm make-manifest 'shards/part-{000000..000999}.tar' --out shards/ --count --workers 16
+    moco-mm make-manifest 'pipe:aws s3 cp s3://bucket/laion/{00000..00099}.tar -' --out laion.json --count
+    moco-mm make-manifest laion/ --out laion.json --url-template 'pipe:aws s3 cp s3://bucket/laion/{name} -'
+
+From img2dataset output folders (NNNNN.tar + NNNNN_stats.json) the counts are the stats'
+`successes` and no tar is read (--check-ids reads them too); otherwise (or with --count)
+every shard is read, --workers at a time. Duplicate sample ids across shards are an error
+naming both shards and the id. Exit status 2 with a message naming the file on bad input."""
+
+
+def make_manifest_main(argv: list[str] | None = None) -> int:
+    from moco_mm.data.manifest import make_manifest
+    from moco_mm.data.sources import DataError
+
+    ap = argparse.ArgumentParser(prog="moco-mm make-manifest", description=MAKE_MANIFEST_USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", help="img2dataset output folders, shard folders, tar paths, brace "
+                                              "patterns or pipe: URLs")
+    ap.add_argument("--out", required=True, help="the manifest to write (a .json path, or a folder: its manifest.json)")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--stats", action="store_const", dest="mode", const="stats",
+                     help="counts from img2dataset's NNNNN_stats.json (default for folders that hold them)")
+    how.add_argument("--count", action="store_const", dest="mode", const="count",
+                     help="count by reading every shard")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="shards read at a time")
+    ap.add_argument("--url-template", default=None,
+                    help="store shards as this URL, {name} = the file name, e.g. 'pipe:aws s3 cp s3://b/{name} -'")
+    ap.add_argument("--check-ids", action="store_true", help="with stats: also read the shards (ids, counts)")
+    ap.add_argument("--retries", type=int, default=3, help="tries of a failing pipe: shard beyond the first")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.workers < 1 or args.retries < 0:
+        ap.error("--workers must be >= 1 and --retries >= 0")
+    try:
+        m = make_manifest(args.inputs, args.out, mode=args.mode or "auto", workers=args.workers,
+                          progress=not args.no_progress and sys.stderr.isatty(), url_template=args.url_template,
+                          check_ids=args.check_ids, retries=args.retries, overwrite=args.overwrite)
+    except DataError as e:
+        print(f"moco-mm make-manifest: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out.endswith(".json") else Path(args.out) / "manifest.json"
+    print(f"{out}: {len(m['shards'])} shards, {m['samples']} samples (counted by {m['counted_by']})")
+    return 0

@@ -48,6 +48,8 @@ Batch (from `make_stream` and `make_loader`), B = batch_size, L = max_length:
     n_skipped      int                   corrupt raw samples skipped while making this batch
     worker_id      int                   the logical reader (0..workers-1) that made it
     worker_pos     int                   raw samples that reader has consumed in this epoch
+    worker_offset  tuple | None          (pass, input index, byte offset): where a resume of that
+                                         reader starts reading (LoaderState.offsets), or None
     epoch          int                   the epoch the batch belongs to
     step           int                   index of this batch in its epoch (0-based)
 The metadata are plain Python ints (no tensor, so reading them costs no device sync). With
@@ -89,8 +91,17 @@ rank; every rank must resume from its own. `LoaderState.update(batch)` maintains
 of epoch + 1 with step 0 starts the new epoch: step and positions restart from 0). Passing
 `positions` makes the resumed stream identical to the uninterrupted one even when corrupt
 samples were skipped; `start_step` alone (make_loader) assumes none were (position =
-batches * B). A resumed reader re-reads (but does not decode) the raw samples before its
-position, so the shuffle buffer is rebuilt exactly. A state whose step equals
+batches * B). A resumed reader rebuilds its shuffle buffer exactly without reading the
+epoch again: the buffer's draws depend only on counts, so it replays the shuffle on input
+indices (no I/O) to learn which inputs sit in the buffer, then reads from
+`offsets[w]` = (pass, i0, byte offset) on, where i0 is the oldest input still buffered
+(or the last one read): it seeks to that byte offset in a local uncompressed tar (a `pipe:`
+or compressed shard is read from its start and skipped by count; whole earlier shards are
+not opened), keeps the buffered inputs and continues. So a resume reads about
+shuffle_buffer * ln(shuffle_buffer) raw samples back, not the epoch so far. Without offsets
+(older states, or after a shard read back fewer samples than its manifest count, when the
+index replay would be wrong) it re-reads (but does not decode) the raw samples before its
+position, as before; both ways are bit-identical to the uninterrupted stream. A state whose step equals
 steps_per_epoch (saved after an epoch's last batch) resumes at batch 0 of the next epoch.
 
 Corrupt samples (missing members, undecodable image, bad json/caption, a KEY.json
@@ -132,6 +143,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 WARN_INTERVAL_S = 60.0
+# Defaults of data.pipe_retries / data.pipe_backoff_s (config.py).
+PIPE_RETRIES = 3
+PIPE_BACKOFF_S = 1.0
 _MASK64 = (1 << 64) - 1
 # Domain tags keep the streams derived from one seed independent of each other.
 _TAG_SHARDS, _TAG_SAMPLES, _TAG_AUGMENT, _TAG_CAPTION = 1, 2, 3, 4
@@ -149,49 +163,204 @@ def _mix(*values: int) -> int:
     return h
 
 
-def _shuffled(items: Iterable[RawSample], rng: random.Random, size: int) -> Iterator[RawSample]:
+class _Shuffle:
     """Buffer shuffle: fill `size` items, then emit a random one per new item, then drain.
 
     Draws depend only on how many items came in, never on their contents, which is what
-    lets a resumed reader replay it from raw bytes alone.
+    lets a resumed reader replay it from the item count alone (on input indices, see
+    _ReaderStream.resume). `buf` may start non-empty (a rebuilt buffer): run() then goes on
+    exactly as the interrupted run() would have.
     """
-    if size <= 1:
-        yield from items
-        return
-    buf: list[RawSample] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        out, buf[j] = buf[j], item
-        yield out
-    while buf:
-        j = rng.randrange(len(buf))
-        buf[j], buf[-1] = buf[-1], buf[j]
-        yield buf.pop()
+
+    def __init__(self, rng: random.Random, size: int, buf: list | None = None):
+        self.rng = rng
+        self.size = size
+        self.buf: list = buf if buf is not None else []
+
+    def run(self, items: Iterable) -> Iterator:
+        size, buf, rng = self.size, self.buf, self.rng
+        if size <= 1:
+            yield from items
+            return
+        for item in items:
+            if len(buf) < size:
+                buf.append(item)
+                continue
+            j = rng.randrange(size)
+            out, buf[j] = buf[j], item
+            yield out
+        while buf:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
 
 
-def _reader_stream(urls: Sequence[str], counts: Sequence[int], rng: random.Random, buffer: int,
-                   where: str) -> Iterator[RawSample]:
-    """The endless raw stream of one reader: pass after pass over its shards, shuffled."""
-    errors: list[str] = []
+def _shuffled(items: Iterable[RawSample], rng: random.Random, size: int) -> Iterator[RawSample]:
+    return _Shuffle(rng, size).run(items)
 
-    def on_error(url: str, exc: BaseException) -> None:
-        errors.append(f"{url}: {exc}")
-        log.warning("%s: shard %s ended early: %s", where, url, exc)
 
-    for _ in itertools.count():
-        n = 0
-        chained = itertools.chain.from_iterable(
-            iter_raw_samples(u, on_error, c) for u, c in zip(urls, counts))
-        for raw in _shuffled(chained, rng, buffer):
-            n += 1
-            yield raw
+class _ReaderStream:
+    """The endless raw stream of one reader: pass after pass over its shards, shuffled.
+
+    `anchor()` says where a resume can start reading: (pass, i0, byte offset) of the oldest
+    raw sample still in the shuffle buffer or the last one read, whichever is older; i0
+    counts the pass's inputs (the reader's shards in order). None once a shard of this
+    stream read back another number of samples than its manifest count (then the index
+    replay would be wrong, and a resume reads everything before its position, as before).
+    """
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], rng: random.Random, buffer: int, where: str,
+                 retries: int = 0, backoff_s: float = 1.0):
+        self.urls, self.counts = list(urls), list(counts)
+        self.rng, self.size, self.where = rng, buffer, where
+        self.retries, self.backoff_s = retries, backoff_s
+        self.errors: list[str] = []
+        self.exact = True  # every shard read so far gave its manifest count
+        self.passno = 0
+        self.last: tuple[int, int | None] | None = None  # (input index, offset) of the last raw read
+        self.shuffle: _Shuffle | None = None
+        self._gen: Iterator[RawSample] | None = None
+
+    def _on_error(self, url: str, exc: BaseException) -> None:
+        self.errors.append(f"{url}: {exc}")
+        self.exact = False
+        log.warning("%s: shard %s ended early: %s", self.where, url, exc)
+
+    def _inputs(self, first: int = 0, offset: int | None = None) -> Iterator[tuple[int, RawSample]]:
+        """(pass input index, raw) from input `first` on (`offset`: that sample's byte position)."""
+        cum = 0
+        for url, count in zip(self.urls, self.counts):
+            if first >= cum + count:
+                cum += count
+                continue
+            local = max(first - cum, 0)
+            n = 0
+            for raw in iter_raw_samples(url, self._on_error, count, start=local,
+                                        offset=offset if local else None,
+                                        retries=self.retries, backoff_s=self.backoff_s):
+                if local + n >= count:
+                    self.exact = False  # more samples than the manifest says
+                i = cum + local + n
+                n += 1
+                self.last = (i, raw.offset)
+                yield i, raw
+            if local + n != count:
+                self.exact = False
+            cum += count
+
+    def _passes(self, first_pass: Iterator[RawSample] | None, emitted: int) -> Iterator[RawSample]:
+        if first_pass is not None:
+            n = emitted
+            for raw in first_pass:
+                n += 1
+                yield raw
+            self._check_pass(n)
+            self.passno += 1
+        while True:
+            self.shuffle = _Shuffle(self.rng, self.size)
+            n = 0
+            for _, raw in self.shuffle.run(self._inputs()):
+                n += 1
+                yield raw
+            self._check_pass(n)
+            self.passno += 1
+
+    def _check_pass(self, n: int) -> None:
         if n == 0:
-            detail = f"; errors: {errors[:3]}" if errors else ""
-            raise DataError(f"{where}: a full pass over its shards {list(urls)} produced no samples "
+            detail = f"; errors: {self.errors[:3]}" if self.errors else ""
+            raise DataError(f"{self.where}: a full pass over its shards {self.urls} produced no samples "
                             f"(empty tars, only directories/metadata, or unreadable){detail}")
+
+    def __iter__(self) -> Iterator[RawSample]:
+        return self
+
+    def __next__(self) -> RawSample:
+        if self._gen is None:
+            self._gen = self._passes(None, 0)
+        return next(self._gen)
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()  # type: ignore[attr-defined]
+
+    def anchor(self) -> tuple[int, int, int | None] | None:
+        """Where a resume after the raw samples yielded so far can start reading."""
+        if not self.exact or self.last is None:
+            return None
+        buf = self.shuffle.buf if self.shuffle is not None and self.size > 1 else []
+        i0, off = min([(i, raw.offset) for i, raw in buf] + [self.last], key=lambda t: t[0])
+        return (self.passno, i0, off)
+
+    def resume(self, pos: int, anchor: Sequence[int | None] | None) -> None:
+        """Skip the first `pos` raw samples. With an anchor (anchor() of the run being
+        resumed) the shuffle is replayed on input indices (no I/O) and only the raw samples
+        from the anchor on are read: from its byte offset in a local plain tar, by count in a
+        remote one, whole earlier shards not at all. Anything inconsistent falls back to
+        reading all `pos` samples (the old way, also exact)."""
+        if pos == 0:
+            return
+        plan = self._replay(pos, anchor) if anchor is not None else None
+        if plan is None:
+            for _ in range(pos):  # replay raw bytes only: nothing before `pos` is decoded
+                next(self)
+            return
+        passno, buf_ids, consumed, emitted = plan
+        i0, off = int(anchor[1]), anchor[2]  # type: ignore[index, arg-type]
+        self.passno = passno
+        inputs = self._inputs(i0, None if off is None else int(off))
+        wanted = set(buf_ids)
+        held: dict[int, RawSample] = {}
+        for i, raw in inputs:  # from the anchor to the last input read: keep the buffered ones
+            if i in wanted:
+                held[i] = raw
+            if i >= consumed - 1:
+                break
+        if len(held) != len(wanted):  # a shard read back short: the replay cannot be exact
+            self.exact = False
+            log.warning("%s: seek-resume found %d of %d buffered samples: the stream differs from the "
+                        "uninterrupted run", self.where, len(held), len(wanted))
+        self.shuffle = _Shuffle(self.rng, self.size, [(i, held[i]) for i in buf_ids if i in held])
+        self._gen = self._passes((raw for _, raw in self.shuffle.run(inputs)), emitted)
+
+    def _replay(self, pos: int, anchor: Sequence[int | None]) -> tuple[int, list[int], int, int] | None:
+        """The shuffle of the first `pos` outputs replayed on input indices: (pass, buffered
+        input indices in buffer order, inputs consumed in that pass, outputs of that pass),
+        or None when it disagrees with `anchor`. On success self.rng is where reading would
+        have left it."""
+        total = sum(self.counts)
+        if total == 0 or len(anchor) != 3:
+            return None
+        rng = random.Random()
+        rng.setstate(self.rng.getstate())
+        done = passno = 0
+        consumed = 0
+
+        def counted() -> Iterator[int]:
+            nonlocal consumed
+            for i in range(total):
+                consumed = i + 1
+                yield i
+
+        while True:
+            sim = _Shuffle(rng, self.size)
+            consumed = emitted = 0
+            for _ in sim.run(counted()):
+                done += 1
+                emitted += 1
+                if done == pos:
+                    break
+            if done == pos:
+                break
+            passno += 1
+        buf = [int(i) for i in sim.buf] if self.size > 1 else []
+        i0 = min(buf + [consumed - 1])
+        if anchor[0] != passno or anchor[1] != i0:
+            log.warning("%s: saved resume offset %s does not match the replay (pass %d, sample %d): "
+                        "reading the %d samples before the resume point instead", self.where,
+                        list(anchor), passno, i0, pos)
+            return None
+        self.rng.setstate(rng.getstate())
+        return passno, buf, consumed, emitted
 
 
 def choose_caption(captions: Sequence[str], *, caption_seed: int, epoch: int, sample_id: int) -> str:
@@ -284,6 +453,11 @@ class LoaderState:
     epoch: int = 0
     step: int = 0
     positions: list[int] = field(default_factory=lambda: [0])
+    # offsets[w]: `worker_offset` of reader w's last consumed batch: [pass, input index, byte
+    # offset] where a resume starts reading (see _ReaderStream.anchor), or None (unknown:
+    # a state saved before offsets existed, or a shard that read back short). Optional:
+    # without it a resume re-reads the raw samples before `positions[w]`, as before.
+    offsets: list | None = None
 
     @classmethod
     def start(cls, epoch: int, workers: int) -> "LoaderState":
@@ -302,21 +476,37 @@ class LoaderState:
                 raise DataError(f"LoaderState: at epoch {self.epoch} step {self.step}, got a batch of epoch "
                                 f"{epoch} step {step} (a batch was skipped or replayed)")
             self.epoch, self.step, self.positions = epoch, 0, [0] * len(self.positions)
+            self.offsets = None
         if step != self.step:
             raise DataError(f"LoaderState: expected batch step {self.step}, got {step} (a batch was "
                             f"skipped or replayed)")
         self.step = step + 1
-        self.positions[int(batch["worker_id"])] = int(batch["worker_pos"])
+        w = int(batch["worker_id"])
+        self.positions[w] = int(batch["worker_pos"])
+        offset = batch.get("worker_offset")
+        if offset is not None or self.offsets is not None:
+            if self.offsets is None:
+                self.offsets = [None] * len(self.positions)
+            self.offsets[w] = None if offset is None else [None if v is None else int(v) for v in offset]
 
     def copy(self) -> "LoaderState":
-        return LoaderState(self.epoch, self.step, list(self.positions))
+        offsets = None if self.offsets is None else [None if o is None else list(o) for o in self.offsets]
+        return LoaderState(self.epoch, self.step, list(self.positions), offsets)
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "positions": list(self.positions)}
+        """{"epoch", "step", "positions"} and, once any is known, "offsets" (older code and
+        states without it: a resume then re-reads instead of seeking)."""
+        d: dict = {"epoch": self.epoch, "step": self.step, "positions": list(self.positions)}
+        if self.offsets is not None and any(o is not None for o in self.offsets):
+            d["offsets"] = [None if o is None else list(o) for o in self.offsets]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoaderState":
-        return cls(int(d["epoch"]), int(d["step"]), [int(p) for p in d["positions"]])
+        offsets = d.get("offsets")
+        if offsets is not None:
+            offsets = [None if o is None else [None if v is None else int(v) for v in o] for o in offsets]
+        return cls(int(d["epoch"]), int(d["step"]), [int(p) for p in d["positions"]], offsets)
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,8 +580,12 @@ class _ReaderBatches(IterableDataset):
     def __init__(self, *, source: ShardSource, rank: int, world_size: int, workers: int, batch_size: int,
                  tokenizer: Any, max_length: int, transform: ImageTransform, seed: int, caption_seed: int,
                  epoch: int, start_step: int, positions: list[int] | None, epochs: int | None,
-                 shuffle_buffer: int, max_consecutive_bad: int, legacy: bool = False):
+                 shuffle_buffer: int, max_consecutive_bad: int, legacy: bool = False,
+                 offsets: list | None = None, pipe_retries: int = 0, pipe_backoff_s: float = 1.0):
         super().__init__()
+        self.offsets = offsets
+        self.pipe_retries = pipe_retries
+        self.pipe_backoff_s = pipe_backoff_s
         self.source = source
         self.rank = rank
         self.world_size = world_size
@@ -423,15 +617,15 @@ class _ReaderBatches(IterableDataset):
     def _epochs(self, reader: int) -> Iterator[dict]:
         epochs = (itertools.count(self.epoch) if self.epochs is None
                   else range(self.epoch, self.epoch + self.epochs))
-        start_step, positions = self.start_step, self.positions
+        start_step, positions, offsets = self.start_step, self.positions, self.offsets
         for epoch in epochs:
             plan = plan_epoch(self.source, seed=self.seed, epoch=epoch, batch_size=self.batch_size,
                               world_size=self.world_size, workers=self.workers)
-            yield from self._reader_batches(plan, epoch, reader, start_step, positions)
-            start_step, positions = 0, None  # later epochs: every reader from raw position 0
+            yield from self._reader_batches(plan, epoch, reader, start_step, positions, offsets)
+            start_step, positions, offsets = 0, None, None  # later epochs: every reader from raw position 0
 
     def _reader_batches(self, plan: EpochPlan, epoch: int, reader: int, start_step: int,
-                        positions: list[int] | None) -> Iterator[dict]:
+                        positions: list[int] | None, offsets: list | None = None) -> Iterator[dict]:
         bsz = plan.batch_size
         slot = self.rank * plan.workers + reader
         where = f"rank {self.rank} reader {reader}"
@@ -442,15 +636,15 @@ class _ReaderBatches(IterableDataset):
         pos = positions[reader] if positions is not None else done * bsz
         shards = plan.shards_of(self.rank, reader)
         rng = random.Random(_mix(self.seed, epoch, slot, _TAG_SAMPLES))
-        stream = _reader_stream([self.source.urls[i] for i in shards],
-                                [self.source.require_counts()[i] for i in shards],
-                                rng, self.shuffle_buffer, where)
+        stream = _ReaderStream([self.source.urls[i] for i in shards],
+                               [self.source.require_counts()[i] for i in shards],
+                               rng, self.shuffle_buffer, where, self.pipe_retries, self.pipe_backoff_s)
         bad_log = _BadSampleLog(where)
         recent: collections.deque[tuple[RawSample, str]] = collections.deque(maxlen=32)
         consecutive = 0
         try:
-            for _ in range(pos):  # replay raw bytes only: nothing before `pos` is decoded
-                next(stream)
+            anchor = offsets[reader] if offsets is not None and reader < len(offsets) else None
+            stream.resume(pos, anchor)
             for k in range(remaining):
                 images: list[torch.Tensor] = []
                 captions: list[str] = []
@@ -480,7 +674,10 @@ class _ReaderBatches(IterableDataset):
                     captions.append(caption)
                     fingerprints.append((text_fingerprint(caption), dec.image_fp, dec.group_fp))
                 step = reader + (done + k) * plan.workers
-                yield self._collate(images, captions, ids, fingerprints, skipped, reader, pos, epoch, step)
+                batch = self._collate(images, captions, ids, fingerprints, skipped, reader, pos, epoch, step)
+                if not self.legacy:
+                    batch["worker_offset"] = stream.anchor()
+                yield batch
         finally:
             stream.close()
 
@@ -588,7 +785,9 @@ class EpochLoader:
 def _epoch_loader(source: ShardSource, *, batch_size: int, tokenizer: Any, max_length: int,
                   transform: ImageTransform, seed: int, epoch: int, rank: int, world_size: int, workers: int,
                   start_step: int, positions: Sequence[int] | None, shuffle_buffer: int, max_consecutive_bad: int,
-                  caption_seed: int | None, pin_memory: bool, prefetch_factor: int, legacy: bool) -> EpochLoader:
+                  caption_seed: int | None, pin_memory: bool, prefetch_factor: int, legacy: bool,
+                  offsets: Sequence | None = None, pipe_retries: int = 0,
+                  pipe_backoff_s: float = 1.0) -> EpochLoader:
     _check_args(rank, world_size, max_length, max_consecutive_bad, shuffle_buffer, workers, prefetch_factor)
     plan = plan_epoch(source, seed=seed, epoch=epoch, batch_size=batch_size, world_size=world_size,
                       workers=workers)
@@ -600,7 +799,8 @@ def _epoch_loader(source: ShardSource, *, batch_size: int, tokenizer: Any, max_l
         tokenizer=tokenizer, max_length=max_length, transform=transform, seed=seed,
         caption_seed=seed if caption_seed is None else caption_seed, epoch=epoch, start_step=start_step,
         positions=pos_list, epochs=1, shuffle_buffer=shuffle_buffer, max_consecutive_bad=max_consecutive_bad,
-        legacy=legacy)
+        legacy=legacy, offsets=list(offsets) if offsets is not None and pos_list is not None else None,
+        pipe_retries=pipe_retries, pipe_backoff_s=pipe_backoff_s)
     loader = _data_loader(dataset, workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                           seed=seed, epoch=epoch, rank=rank, persistent=False)
     return EpochLoader(loader, plan, start_step)
@@ -611,7 +811,8 @@ def make_loader(source: ShardSource, *, batch_size: int, tokenizer: Any, max_len
                 workers: int = 0, start_step: int = 0, positions: Sequence[int] | None = None,
                 shuffle_buffer: int = 1000, max_consecutive_bad: int = 1000,
                 caption_seed: int | None = None, pin_memory: bool = False,
-                prefetch_factor: int = 2) -> EpochLoader:
+                prefetch_factor: int = 2, offsets: Sequence | None = None,
+                pipe_retries: int = PIPE_RETRIES, pipe_backoff_s: float = PIPE_BACKOFF_S) -> EpochLoader:
     """The batches of `epoch` for this rank, starting at batch `start_step`, through a
     DataLoader (and worker processes) of its own: for one epoch. A training run uses
     make_stream, whose sequence is the concatenation of these epochs.
@@ -620,6 +821,8 @@ def make_loader(source: ShardSource, *, batch_size: int, tokenizer: Any, max_len
     positions: the `LoaderState.positions` saved with `start_step` (one per reader); None
     derives them as batches * batch_size, exact only if no sample was corrupt.
     caption_seed: seed of the per-epoch caption choice (default: `seed`).
+    offsets: the `LoaderState.offsets` saved with `positions` (None: re-read up to positions).
+    pipe_retries, pipe_backoff_s: tries of a failing remote shard (iter_raw_samples).
     Every rank gets `steps_per_epoch(...)` batches of exactly `batch_size` samples.
     """
     return _epoch_loader(source, batch_size=batch_size, tokenizer=tokenizer, max_length=max_length,
@@ -627,7 +830,7 @@ def make_loader(source: ShardSource, *, batch_size: int, tokenizer: Any, max_len
                          workers=workers, start_step=start_step, positions=positions,
                          shuffle_buffer=shuffle_buffer, max_consecutive_bad=max_consecutive_bad,
                          caption_seed=caption_seed, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
-                         legacy=False)
+                         legacy=False, offsets=offsets, pipe_retries=pipe_retries, pipe_backoff_s=pipe_backoff_s)
 
 
 def make_legacy_loader(source: ShardSource, *, batch_size: int, tokenizer: Any, max_length: int,
@@ -682,7 +885,8 @@ def make_stream(source: ShardSource, *, batch_size: int, tokenizer: Any, max_len
                 transform: ImageTransform, seed: int, state: LoaderState, rank: int = 0, world_size: int = 1,
                 workers: int = 0, shuffle_buffer: int = 1000, max_consecutive_bad: int = 1000,
                 caption_seed: int | None = None, pin_memory: bool = False,
-                prefetch_factor: int = 2) -> BatchStream:
+                prefetch_factor: int = 2, pipe_retries: int = PIPE_RETRIES,
+                pipe_backoff_s: float = PIPE_BACKOFF_S) -> BatchStream:
     """This rank's training batches for the whole run: epoch `state.epoch` from batch
     `state.step` on (readers at `state.positions`, exact across corrupt samples), then
     every later epoch from its start, endlessly, through one DataLoader whose `workers`
@@ -695,6 +899,8 @@ def make_stream(source: ShardSource, *, batch_size: int, tokenizer: Any, max_len
     caller keeps its own LoaderState current with state.update(batch).
     pin_memory: page-locked batches for non_blocking host-to-device copies (pin_memory_for).
     prefetch_factor: batches each worker prepares ahead (workers > 0).
+    pipe_retries, pipe_backoff_s: a failing remote shard is read again up to pipe_retries
+    times, after pipe_backoff_s * 2**k seconds (data.pipe_retries / data.pipe_backoff_s).
     """
     _check_args(rank, world_size, max_length, max_consecutive_bad, shuffle_buffer, workers, prefetch_factor)
     plan = plan_epoch(source, seed=seed, epoch=state.epoch, batch_size=batch_size, world_size=world_size,
@@ -706,7 +912,9 @@ def make_stream(source: ShardSource, *, batch_size: int, tokenizer: Any, max_len
         source=source, rank=rank, world_size=world_size, workers=workers, batch_size=batch_size,
         tokenizer=tokenizer, max_length=max_length, transform=transform, seed=seed,
         caption_seed=seed if caption_seed is None else caption_seed, epoch=state.epoch, start_step=state.step,
-        positions=positions, epochs=None, shuffle_buffer=shuffle_buffer, max_consecutive_bad=max_consecutive_bad)
+        positions=positions, epochs=None, shuffle_buffer=shuffle_buffer, max_consecutive_bad=max_consecutive_bad,
+        offsets=list(state.offsets) if state.offsets is not None else None, pipe_retries=pipe_retries,
+        pipe_backoff_s=pipe_backoff_s)
     loader = _data_loader(dataset, workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                           seed=seed, epoch=state.epoch, rank=rank, persistent=True)
     return BatchStream(loader, plan.steps, state.copy())
@@ -744,7 +952,8 @@ def _check_positions(positions: Sequence[int], start_step: int, plan: EpochPlan)
 def iter_eval_batches(source: ShardSource, *, batch_size: int, transform: ImageTransform,
                       tokenizer: Any = None, max_length: int | None = None, rank: int = 0,
                       world_size: int = 1, max_samples: int | None = None,
-                      max_consecutive_bad: int = 1000, block: int = 1) -> Iterator[dict]:
+                      max_consecutive_bad: int = 1000, block: int = 1, pipe_retries: int = PIPE_RETRIES,
+                      pipe_backoff_s: float = PIPE_BACKOFF_S) -> Iterator[dict]:
     """Every good sample of `source` once, in shard and tar order (no shuffle, no drop-last).
 
     Raw sample k (global order, counting corrupt ones) belongs to rank (k // block) %
@@ -798,7 +1007,9 @@ def iter_eval_batches(source: ShardSource, *, batch_size: int, transform: ImageT
         return batch
 
     counts = source.counts or (None,) * len(source.urls)
-    raws = itertools.chain.from_iterable(iter_raw_samples(u, on_error, c) for u, c in zip(source.urls, counts))
+    raws = itertools.chain.from_iterable(
+        iter_raw_samples(u, on_error, c, retries=pipe_retries, backoff_s=pipe_backoff_s)
+        for u, c in zip(source.urls, counts))
     for k, raw in enumerate(raws):
         if max_samples is not None and k >= max_samples:
             break

@@ -10,7 +10,9 @@ Both are pure functions of the shard's bytes: what makes a resumed reader replay
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -18,10 +20,12 @@ from PIL import Image
 
 from moco_mm.data.fingerprints import NONE, bytes_fingerprint, group_fingerprint
 from moco_mm.data.make_shards import ImageError, decode_image, to_rgb
-from moco_mm.data.shard_io import iter_members, open_url
+from moco_mm.data.shard_io import PipeError, is_remote, iter_members_at, open_shard
 from moco_mm.data.sources import DataError, _group
 
 __all__ = ["IMAGE_EXTS", "RawSample", "iter_raw_samples", "Decoded", "decode_sample"]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
@@ -36,53 +40,117 @@ class RawSample:
     names: list[str]
     members: dict[str, bytes]
     problem: str | None = None
+    offset: int | None = None  # byte position of its first member header (local plain tars)
 
 
 def iter_raw_samples(url: str, on_error: Callable[[str, BaseException], None] | None = None,
-                     expected: int | None = None) -> Iterator[RawSample]:
+                     expected: int | None = None, *, start: int = 0, offset: int | None = None,
+                     retries: int = 0, backoff_s: float = 1.0) -> Iterator[RawSample]:
     """Stream the member groups of one shard (local path or URL such as `pipe:`).
 
     A shard that breaks off (truncated tar, failing pipe) ends early; `on_error(url, exc)` is
     told (default: raise). Python's tarfile ends quietly at a corrupt header past the start,
     so a shard yielding fewer than `expected` samples (its manifest count) is reported too.
     The output is a pure function of the shard's bytes.
+
+    start: begin at the shard's sample `start` (0-based); `offset`: the byte position of that
+    sample's first member header (RawSample.offset, local uncompressed tars only): the file
+    is read from there. Without an offset the first `start` samples are read and dropped.
+    retries: a remote shard (`pipe:`, http) whose command fails or whose stream breaks is
+    read again from its start, up to `retries` more times, after backoff_s, 2*backoff_s, ...
+    seconds; the samples already yielded are read again and dropped (the stream is a pure
+    function of the shard's bytes; the last dropped key must match the last yielded one,
+    else the shard changed and that is an error). The last group of a remote stream is only
+    yielded once the command has exited with status 0 (a stream cut at a member boundary
+    ends like a whole tar; its last group may be incomplete). After the last try the error
+    names the URL, the number of tries and the last status / stderr tail.
     """
     def report(exc: BaseException) -> None:
         if on_error is None:
             raise DataError(f"{url}: unreadable shard: {exc}") from exc
         on_error(url, exc)
 
-    try:
-        stream = open_url(url)
-    except (OSError, ValueError) as e:  # missing file, unopenable URL
-        report(e)
-        return
-    n = 0
-    closed = False
-    try:
-        for key, items in _group(iter_members(stream)):
-            n += 1
-            raw = RawSample(url, key, [n for n, _, _ in items], {})
-            for name, ext, data in items:
-                if not ext:
-                    raw.problem = f"member {name!r} has no extension (expected KEY.EXT)"
-                elif ext in raw.members:
-                    raw.problem = f"duplicate member {name!r}"
-                else:
-                    raw.members[ext] = data
-            yield raw
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        closed = True
-        # A failed command is the cause of the broken tar it produced: report its status.
-        report(_close(stream) or e)
-        return
-    finally:
-        if not closed:  # also when the consumer stops early: the pipe is then killed quietly
-            closed = True
-            failure = _close(stream)
-    if failure is not None:
+    remote = is_remote(url)
+    n = start  # index in the shard of the next sample to yield
+    last_key: str | None = None
+    attempt = 0
+    while True:
+        attempt += 1
+        failure: BaseException | None = None
+        retryable = remote
+        first = start if offset is not None else 0  # the shard sample the stream begins with
+        try:
+            stream, seekable = open_shard(url, offset if n == start else None)
+            if n != start:  # only remote shards are retried, and they have no offset
+                first = 0
+        except ValueError as e:  # an unopenable URL or offset: retrying does not help
+            report(e)
+            return
+        except OSError as e:  # missing file
+            failure = e
+        else:
+            base = (offset or 0) if seekable else None
+            skip = n - first
+            seen = 0
+            held: RawSample | None = None
+            closed = False
+            try:
+                members = iter_members_at(stream, base or 0)
+                for key, items in _group((name, (data, at)) for name, data, at in members):
+                    seen += 1
+                    if seen <= skip:  # yielded by an earlier try
+                        if seen == skip and last_key is not None and key != last_key:
+                            retryable = False
+                            raise DataError(f"re-read after a failure, sample {n - 1} has key {key!r}, not "
+                                            f"{last_key!r}: the shard changed between tries")
+                        continue
+                    raw = RawSample(url, key, [nm for nm, _, _ in items], {},
+                                    offset=items[0][2][1] if base is not None else None)
+                    for name, ext, (data, _) in items:
+                        if not ext:
+                            raw.problem = f"member {name!r} has no extension (expected KEY.EXT)"
+                        elif ext in raw.members:
+                            raw.problem = f"duplicate member {name!r}"
+                        else:
+                            raw.members[ext] = data
+                    if held is not None:  # complete: the next sample has begun
+                        last_key = held.key
+                        n += 1
+                        yield held
+                    held = raw
+            except DataError as e:
+                closed = True
+                _close(stream)
+                failure = e
+            except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+                closed = True
+                # A failed command is the cause of the broken tar it produced: report its status.
+                failure = _close(stream) or e
+                if held is not None:  # it was complete (a later member broke off)
+                    last_key = held.key
+                    n += 1
+                    yield held
+            finally:
+                if not closed:  # also when the consumer stops early: the pipe is then killed quietly
+                    closed = True
+                    failure = _close(stream)
+            if failure is None and held is not None:
+                last_key = held.key
+                n += 1
+                yield held
+        if failure is None:
+            break
+        if retryable and attempt <= retries:
+            wait = backoff_s * 2 ** (attempt - 1)
+            log.warning("%s: try %d of %d failed (%s); retrying in %.1f s", url, attempt, retries + 1,
+                        failure, wait)
+            time.sleep(wait)
+            continue
+        if remote and retries > 0:
+            failure = PipeError(f"failed {attempt} time(s) (retries={retries}); last error: {failure}")
         report(failure)
-    elif expected is not None and n < expected:
+        return
+    if expected is not None and n < expected:
         report(DataError(f"ended after {n} of its {expected} samples (corrupt tar header?)"))
 
 

@@ -10,6 +10,9 @@ webdataset's, so shards written for it read the same here (tests check with webd
     open_url(url)          local path, file:PATH, pipe:COMMAND (its stdout), http(s):// (curl)
     iter_members(stream)   (name, bytes) of every regular member, in tar order, skipping
                            metadata (__NAME__ members and folders)
+    iter_members_at(stream, base)   the same with each member's header offset in the file
+    open_shard(url, offset)         a stream positioned at byte `offset` of a local plain tar,
+                           and whether its offsets are seekable file positions
     split_name("dir/000017.seg.jpg") -> ("dir/000017", "seg.jpg"): the sample key is
                            everything before the first dot of the last path component
 """
@@ -24,8 +27,8 @@ from typing import BinaryIO, Iterator
 
 from braceexpand import braceexpand
 
-__all__ = ["expand_urls", "is_remote", "local_path", "open_url", "iter_members", "split_name",
-           "is_meta", "PipeError"]
+__all__ = ["expand_urls", "is_remote", "local_path", "open_url", "open_shard", "iter_members",
+           "iter_members_at", "split_name", "is_meta", "PipeError"]
 
 # Members webdataset treats as metadata and never hands out.
 _META_RE = re.compile(r"__[^/]*__($|/)")
@@ -90,19 +93,57 @@ def open_url(url: str) -> BinaryIO:
     return open(local_path(url), "rb")
 
 
+def _is_plain_tar(f: BinaryIO) -> bool:
+    """A local file is an uncompressed tar (its offsets are seek positions) when its first
+    header carries the ustar magic; gzip/xz/zstd shards and v7 tars read from the start."""
+    head = f.read(512)
+    f.seek(0)
+    return len(head) == 512 and head[257:262] == b"ustar"
+
+
+def open_shard(url: str, offset: int | None = None) -> tuple[BinaryIO, bool]:
+    """(stream, seekable) for a shard URL. `seekable`: a local uncompressed tar, whose member
+    offsets (iter_members_at) are byte positions to seek to; `offset` (a member header's
+    position, only for seekable shards) starts the stream there."""
+    if is_remote(url):
+        if offset:
+            raise ValueError(f"{url}: a remote shard cannot be opened at a byte offset")
+        return open_url(url), False
+    f = open(local_path(url), "rb")
+    try:
+        seekable = _is_plain_tar(f)
+        if offset:
+            if not seekable:
+                raise ValueError(f"{url}: not an uncompressed tar: cannot start at byte {offset}")
+            f.seek(offset)
+    except BaseException:
+        f.close()
+        raise
+    return f, seekable
+
+
 def is_meta(name: str) -> bool:
     return bool(_META_RE.match(name))
 
 
 def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(name, payload) of every regular, non-metadata member, streaming (no seeks)."""
+    for name, data, _ in iter_members_at(stream):
+        yield name, data
+
+
+def iter_members_at(stream: BinaryIO, base: int = 0) -> Iterator[tuple[str, bytes, int]]:
+    """(name, payload, offset) of every regular, non-metadata member, streaming (no seeks);
+    `offset` is `base` + the position of the member's first header (a pax or GNU long-name
+    header included) in the stream, so with `base` = where the stream starts in its file, a
+    position to seek to."""
     tar = tarfile.open(fileobj=stream, mode="r|*")
     for info in tar:
         if not info.isreg() or is_meta(info.name):
             continue
         data = tar.extractfile(info).read()
         tar.members = []  # streaming: do not keep every header of a large shard
-        yield info.name, data
+        yield info.name, data, base + info.offset
 
 
 def split_name(name: str) -> tuple[str, str]:
