@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                         "data wait"),
     "demo-data": ("moco_mm.data.cli:demo_data_main", "build the procedural demo shards and tokenizer"),
     "make-shards": ("moco_mm.data.cli:make_shards_main", "CSV/TSV/JSONL/folder/Karpathy COCO, Flickr30k -> shards"),
+    "make-manifest": ("moco_mm.data.cli:make_manifest_main", "manifest.json (shard URLs, sample counts) from "
+                                                              "img2dataset stats or by counting; checks ids"),
     "init-clip": ("moco_mm.model.cli:init_clip_main", "write a random-init OpenCLIP model directory (model.init_from)"),
     "plan-memory": ("moco_mm.plan.cli:main", "will this config fit the GPU? peak memory per part, largest batch"),
     "export": ("moco_mm.search.cli:export_main", "a run's towers -> a self-contained export (+ verified ONNX)"),

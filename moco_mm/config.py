@@ -147,6 +147,9 @@ class DataConfig:
     prefetch_factor: int = opt(2, "batches each DataLoader worker prepares ahead (with data.workers > 0)")
     pin_memory: Union[bool, Literal["auto"]] = opt("auto", "page-locked batches for asynchronous host-to-device "
                                                            "copies: true | false | auto (on when training on CUDA)")
+    pipe_retries: int = opt(3, "a failing remote shard (pipe: command or http) is read again from its start up to "
+                               "this many times (the samples already read are skipped); 0: fail at once")
+    pipe_backoff_s: float = opt(1.0, "seconds before the first retry of a remote shard, doubling each try")
 
 
 @dataclass
@@ -222,6 +225,8 @@ class Config:
         _non_negative("data.workers", self.data.workers)
         _positive("data.max_consecutive_bad", self.data.max_consecutive_bad)
         _positive("data.prefetch_factor", self.data.prefetch_factor)
+        _non_negative("data.pipe_retries", self.data.pipe_retries)
+        _non_negative("data.pipe_backoff_s", self.data.pipe_backoff_s)
         if not 0.0 < self.data.crop_scale_min <= 1.0:
             raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {self.data.crop_scale_min}")
         _positive("optim.lr", self.optim.lr)

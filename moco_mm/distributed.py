@@ -105,6 +105,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def store():
+    """The c10d key-value store the default process group was built on (None for one
+    process): for control data that must not cost a collective (the preemption flag)."""
+    if not is_dist():
+        return None
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 

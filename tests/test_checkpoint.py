@@ -23,6 +23,7 @@ from moco_mm.train.checkpoint import (
     MARKER_FILE,
     MODEL_FILE,
     STATE_FILE,
+    BackgroundWriter,
     CheckpointError,
     CheckpointManager,
     capture_rng_state,
@@ -342,22 +343,26 @@ _SUPERVISOR = r"""
 import os, sys
 from pathlib import Path
 import torch
-from moco_mm.train.checkpoint import CheckpointManager
+from moco_mm.train.checkpoint import BackgroundWriter, CheckpointManager
 
 root = Path(sys.argv[1])
 
 def write_forever():
     mgr = CheckpointManager(root, keep=3)
+    # As the trainer saves: on the background writer thread, each submit waiting for the
+    # previous write, so kills also land while the writer thread writes.
+    writer = BackgroundWriter(mgr)
     latest = mgr.latest()
-    step = CheckpointManager.step_of(latest) if latest is not None else 0
+    step = start = CheckpointManager.step_of(latest) if latest is not None else 0
     while True:
         tensors = {
             "w": torch.full((1 << 20,), float(step)),
             "ids": torch.arange(step, step + 1000),
             "half": torch.full((1000,), float(step % 256), dtype=torch.bfloat16),
         }
-        mgr.save(step, tensors, {"step": step, "pid": os.getpid(), "nested": {"l": [step, 0.5]}})
-        os.write(1, f"saved {step}\n".encode())
+        writer.submit(step, tensors, {"step": step, "pid": os.getpid(), "nested": {"l": [step, 0.5]}})
+        if step > start:  # submit returned: the previous write is complete
+            os.write(1, f"saved {step - 1}\n".encode())
         step += 1
 
 pid = None
@@ -471,3 +476,83 @@ def test_sigkill_at_any_moment_leaves_only_complete_checkpoints(tmp_path: Path) 
     mgr.save(step, {"w": torch.full((1 << 20,), float(step)), "ids": torch.arange(step, step + 1000)}, {"step": step})
     assert _hidden_entries(root) == [], f"kills that left a .tmp dir: {left_tmp}"
     assert _check_invariants(mgr, step) == min(mgr.keep, before + 1)
+
+
+# --- the background writer --------------------------------------------------------------
+
+
+def _payload() -> tuple[dict[str, torch.Tensor], dict]:
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(1000, generator=g), "half": torch.randn(10, generator=g).bfloat16(),
+               "ids": torch.arange(7)}
+    state = {"step": 5, "optimizer": {"state": {0: {"exp_avg": torch.randn(1000, generator=g)}}}, "l": [1, 0.5]}
+    return tensors, state
+
+
+def test_background_writer_writes_the_bytes_of_a_synchronous_save_from_a_snapshot(tmp_path: Path) -> None:
+    tensors, state = _payload()
+    sync = CheckpointManager(tmp_path / "sync").save(5, tensors, state)
+    writer = BackgroundWriter(CheckpointManager(tmp_path / "bg"))
+    stall = writer.submit(5, tensors, state)
+    # Training goes on at once, changing the very tensors being written: the snapshot holds.
+    tensors["w"].add_(1.0)
+    state["optimizer"]["state"][0]["exp_avg"].mul_(0.0)
+    done = writer.wait()
+    assert done == tmp_path / "bg" / "step_00000005" and stall >= 0
+    for name in (MODEL_FILE, STATE_FILE):
+        assert (done / name).read_bytes() == (sync / name).read_bytes(), name
+    marker = json.loads((done / MARKER_FILE).read_text())
+    assert marker["files"] == json.loads((sync / MARKER_FILE).read_text())["files"]
+    assert writer.wait() is None  # nothing in flight
+
+
+def test_a_second_save_waits_for_the_first(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    mgr = CheckpointManager(tmp_path, keep=5)
+    release, entered = threading.Event(), threading.Event()
+    real_write = mgr._write
+
+    def slow_write(tmp, step, tensors, state):
+        if step == 1:
+            entered.set()
+            assert release.wait(10)
+        real_write(tmp, step, tensors, state)
+
+    monkeypatch.setattr(mgr, "_write", slow_write)
+    writer = BackgroundWriter(mgr)
+    writer.submit(1, _tiny(1), {"step": 1})
+    assert entered.wait(10) and writer.busy
+    second = threading.Thread(target=writer.submit, args=(2, _tiny(2), {"step": 2}))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive(), "the second save did not wait for the first"
+    assert not (tmp_path / "step_00000002").exists() and not (tmp_path / "step_00000001").exists()
+    release.set()
+    second.join(10)
+    assert not second.is_alive()
+    writer.wait()
+    assert [CheckpointManager.step_of(p) for p in mgr.complete_checkpoints()] == [1, 2]
+
+
+@pytest.mark.parametrize("surfaces_at", ["next save", "end"])
+def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path: Path, monkeypatch,
+                                                                    surfaces_at: str) -> None:
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, _tiny(1), {"step": 1})
+
+    def full_disk(tmp, step, tensors, state):
+        (tmp / MODEL_FILE).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mgr, "_write", full_disk)
+    writer = BackgroundWriter(mgr)
+    writer.submit(2, _tiny(2), {"step": 2})  # returns: the failure happens on the writer thread
+    with pytest.raises(CheckpointError, match=r"step 2 .*No space left on device") as info:
+        if surfaces_at == "next save":
+            writer.submit(3, _tiny(3), {"step": 3})
+        else:
+            writer.wait()
+    assert isinstance(info.value.__cause__, OSError)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]  # no partial directory left
+    assert writer.wait() is None  # raised once, not lost and not repeated

@@ -87,7 +87,10 @@ def test_resolved_config_round_trips(demo, tmp_path):
 # --- single process: exact resume ------------------------------------------------------
 
 
-def test_single_process_exact_resume_after_sigkill(demo, tmp_path):
+def test_single_process_exact_resume_after_sigkill_and_sigusr1(demo, tmp_path):
+    """SIGKILL mid-run, then the same command, preempted with SIGUSR1 (SLURM's --signal)
+    at a later step: a checkpoint of exactly that step, PREEMPTED, exit 75; then the same
+    command again finishes with the uninterrupted run's weights."""
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref = write_config(tiny_train_config(demo, ref_dir, run={"log_every": 1}), tmp_path / "ref.yaml")
     cut = write_config(tiny_train_config(demo, cut_dir, run={"log_every": 1}), tmp_path / "cut.yaml")
@@ -101,6 +104,9 @@ def test_single_process_exact_resume_after_sigkill(demo, tmp_path):
 
     run_and_kill(train_cmd(cut), ready)
     assert not (cut_dir / "checkpoints" / "step_00000012").exists()
+    # checkpoint.every=100 (no weight depends on it): the preemption's is the only new one.
+    step = preempt_at(train_cmd(cut, extra=("checkpoint.every=100",)), cut_dir, "SIGUSR1", nproc=1)
+    assert step < 12
     run(train_cmd(cut))  # the same command again
     assert final_weights(cut_dir, 12) == final_weights(ref_dir, 12)
     steps = [m["step"] for m in metrics(cut_dir) if "loss" in m]
@@ -231,12 +237,68 @@ def test_two_rank_eval_equals_one_process_eval_of_the_same_weights(multinode_ref
     assert trainer.evaluate() == logged
 
 
+def preempt_at(cmd: list[str], run_dir: Path, signame: str, nproc: int, last: int = 9) -> int:
+    """Run `cmd`, send `signame` (to rank nproc - 1 only) once rank 0 has logged a random
+    step (seeded, printed) past those already in metrics.jsonl; check the stop: every rank
+    stopped after the same step, a checkpoint of exactly that step is the newest, the
+    PREEMPTED marker names it, the workers exited 75. Returns the step."""
+    import os
+    import re
+    import signal
+
+    from moco_mm.train.preempt import EXIT_PREEMPTED
+
+    logged = max([m["step"] for m in metrics(run_dir) if "loss" in m], default=0)
+    seed = random.randrange(1 << 30)
+    at = random.Random(seed).randint(logged + 1, max(logged + 1, last))
+    print(f"preemption: seed {seed}: {signame} to rank {nproc - 1} once step {at} is logged")
+    log = run_dir / "metrics.jsonl"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (log.exists() and f'"step": {at},' in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.005)
+    os.kill(proc.pid if nproc == 1 else _worker_of_rank(proc.pid, nproc - 1), getattr(signal, signame))
+    out = proc.communicate(timeout=300)[0]
+    stops = {int(r): (sig, int(s)) for r, sig, s in re.findall(
+        r"rank (\d+): preempted \((\w+)\): checkpoint of step (\d+) written, exiting with status "
+        + str(EXIT_PREEMPTED), out)}
+    assert sorted(stops) == list(range(nproc)), out[-4000:]
+    step = stops[0][1]
+    assert all(s == step for _, s in stops.values()) and step >= at, (at, stops)
+    assert stops[nproc - 1][0] == signame and all(sig == "peer" for r, (sig, _) in stops.items() if r < nproc - 1)
+    if nproc == 1:
+        assert proc.returncode == EXIT_PREEMPTED, out[-4000:]
+    else:  # torchrun exits with its own status; its failure report names the workers' one
+        assert proc.returncode != 0 and re.search(rf"exitcode\s*:\s*{EXIT_PREEMPTED}\b", out), out[-4000:]
+    marker = json.loads((run_dir / "PREEMPTED").read_text())
+    assert marker["step"] == step and marker["exit_code"] == EXIT_PREEMPTED
+    newest = CheckpointManager(run_dir / "checkpoints").latest()
+    assert newest is not None and newest.name == f"step_{step:08d}" and CheckpointManager.step_of(newest) == step
+    assert any(m.get("checkpoint_stall_s", -1) >= 0 and m["step"] == step for m in metrics(run_dir))
+    return step
+
+
+def _worker_of_rank(agent_pid: int, rank: int) -> int:
+    """The torchrun worker process whose environment says RANK=`rank`."""
+    for pid in _children(agent_pid):
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under torchrun {agent_pid}")
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(x) for x in out]
 
 
-def test_two_process_exact_resume_killed_while_writing_a_checkpoint(demo, tmp_path, multinode_reference):
+def test_two_process_exact_resume_killed_while_writing_a_checkpoint_then_preempted(demo, tmp_path,
+                                                                                 multinode_reference):
+    """SIGKILL while rank 0's background writer writes step 8; then the same command with
+    SIGTERM to rank 1 only, at a random step: through the c10d store rank 0 (never
+    signalled) stops after the same step, writes that step's checkpoint (checkpoint.every
+    is 100 in that run) and PREEMPTED, both exit 75; then the same command again ends with
+    the reference run's weights, tensor for tensor."""
     cut_dir = tmp_path / "cut"
     cfg = write_config(two_proc_config(demo, cut_dir), tmp_path / "c.yaml")
     ckpts = cut_dir / "checkpoints"
@@ -248,7 +310,15 @@ def test_two_process_exact_resume_killed_while_writing_a_checkpoint(demo, tmp_pa
     assert not (ckpts / "step_00000008").exists() or (ckpts / "step_00000008" / "COMPLETE").exists()
     time.sleep(2)  # were every rank really killed, nothing may have moved since
     assert not (ckpts / "step_00000016").exists() and not (ckpts / "step_00000024").exists()
-    run(train_cmd(cfg, nproc=2))
+    # log_every=1 to watch the steps, checkpoint.every=100: neither changes a weight.
+    step = preempt_at(train_cmd(cfg, nproc=2, extra=("checkpoint.every=100", "run.log_every=1")), cut_dir,
+                      "SIGTERM", nproc=2, last=18)
+    res = run(train_cmd(cfg, nproc=2))
+    assert f"resumed from {ckpts / f'step_{step:08d}'} at step {step}" in res.stderr
+    assert not (cut_dir / "PREEMPTED").exists()
+    got, want = (load_file(d / "checkpoints" / "step_00000024" / "model.safetensors")
+                 for d in (cut_dir, multinode_reference))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert final_weights(cut_dir, 24) == final_weights(multinode_reference, 24)
 
 
@@ -292,7 +362,7 @@ def test_divergence_stops_with_a_message_and_a_checkpoint_of_the_last_good_state
     assert last is not None
     tensors, state = CheckpointManager.load(last)
     assert state["counters"]["bad_steps"] == 3
-    rows = metrics(tmp_path / "run")
+    rows = [r for r in metrics(tmp_path / "run") if "bad_steps" in r]  # not the checkpoint_stall_s rows
     assert rows[-1]["bad_steps"] == 3
 
 
@@ -306,3 +376,4 @@ def test_eval_during_training_and_wandb_offline(demo, tmp_path):
     assert {"eval/i2t_R@5", "eval/t2i_R@10", "eval/t2i_medr"} <= evals[0].keys()
     assert "held-out retrieval at step 4" in res.stdout
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+

@@ -38,6 +38,11 @@ Guarantees (single writer per ``root``: only rank 0 calls `CheckpointManager.sav
   `CheckpointManager.load_latest_valid` walks from the newest complete checkpoint down
   and skips (with a warning naming it) any that fails to load.
 
+* Off the training thread. `BackgroundWriter.submit` copies the tensors and state to the
+  CPU (`snapshot`) on the caller's thread and runs the same `save` on a writer thread; one
+  write at a time (the next submit waits), and a failed write is raised by the next
+  `submit` or `wait`.
+
 `capture_rng_state` / `restore_rng_state` turn the Python, NumPy, torch CPU and CUDA
 generators into a value that fits in ``train_state`` (weights_only-safe types only).
 """
@@ -47,10 +52,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -67,9 +74,11 @@ __all__ = [
     "MODEL_FILE",
     "STATE_FILE",
     "CheckpointError",
+    "BackgroundWriter",
     "CheckpointManager",
     "capture_rng_state",
     "restore_rng_state",
+    "snapshot",
     "step_dir_name",
 ]
 
@@ -82,6 +91,7 @@ _STEP_RE = re.compile(r"step_(\d{8,})")
 # anything that globs "step_*".
 _WORK_RE = re.compile(r"\.(tmp|old|trash)-step_(\d{8,})-(\d+)")
 _HASH_CHUNK = 1 << 20
+log = logging.getLogger("moco_mm.train")
 
 
 class CheckpointError(RuntimeError):
@@ -127,9 +137,10 @@ def _rmtree(path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _prepare_tensors(tensors: dict[str, torch.Tensor], copy: bool = False) -> dict[str, torch.Tensor]:
     """Detached, dense, contiguous CPU tensors, no two sharing storage (safetensors refuses
-    aliases). The caller's tensors are never modified."""
+    aliases). The caller's tensors are never modified. ``copy``: every tensor is a fresh
+    CPU copy (never the caller's storage), so training may go on changing the originals."""
     if not isinstance(tensors, dict):
         raise CheckpointError(f"tensors must be a dict[str, Tensor], got {type(tensors).__name__}")
     out: dict[str, torch.Tensor] = {}
@@ -142,7 +153,7 @@ def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if tensor.layout != torch.strided:
             raise CheckpointError(f"tensors[{name!r}] is {tensor.layout}; only dense tensors are saved")
         # resolve_*: lazy conjugate/negative views would otherwise be written un-applied.
-        t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        t = tensor.detach().to("cpu", copy=copy).resolve_conj().resolve_neg().contiguous()
         ptr = t.untyped_storage().data_ptr()
         if t.numel() and ptr in seen_storages:
             # Tied weights / views of one buffer: give each name its own copy on disk.
@@ -156,11 +167,12 @@ def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 _SAFE_SCALARS = (int, float, str, bool, bytes, type(None))
 
 
-def _safe_state(obj: Any, where: str) -> Any:
+def _safe_state(obj: Any, where: str, copy: bool = False) -> Any:
     """A copy of ``obj`` that ``torch.load(weights_only=True)`` is known to read back.
 
     Checked at save time so that a bad value fails the save that introduced it, naming
-    the key, instead of failing a resume days later. Parameters become plain tensors.
+    the key, instead of failing a resume days later. Parameters become plain tensors;
+    with ``copy`` every tensor is a fresh CPU copy (a snapshot the caller may go on changing).
     """
     kind = type(obj)
     if kind in _SAFE_SCALARS:
@@ -169,16 +181,16 @@ def _safe_state(obj: Any, where: str) -> Any:
         t = obj.detach()
         if type(t) is not torch.Tensor or t.layout != torch.strided:
             raise CheckpointError(f"{where}: tensor of type {type(obj).__name__} / {t.layout} is not saved")
-        return t
+        return t.to("cpu", copy=True) if copy else t
     if kind in (dict, collections.OrderedDict):
-        copy = kind()
+        out = kind()
         for key, value in obj.items():
             if type(key) not in _SAFE_SCALARS:
                 raise CheckpointError(f"{where}: dict key {key!r} of type {type(key).__name__} is not saved")
-            copy[key] = _safe_state(value, f"{where}[{key!r}]")
-        return copy
+            out[key] = _safe_state(value, f"{where}[{key!r}]", copy)
+        return out
     if kind in (list, tuple):
-        return kind(_safe_state(v, f"{where}[{i}]") for i, v in enumerate(obj))
+        return kind(_safe_state(v, f"{where}[{i}]", copy) for i, v in enumerate(obj))
     if kind is torch.Size:
         return obj
     raise CheckpointError(
@@ -452,6 +464,79 @@ class CheckpointManager:
                 continue
             return path, tensors, state
         return None
+
+
+# ---------------------------------------------------------------------------------------
+# Saving off the training thread
+# ---------------------------------------------------------------------------------------
+
+
+def snapshot(tensors: dict[str, torch.Tensor], train_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """CPU copies of what a save writes, validated as `CheckpointManager.save` validates it:
+    the only part of a save that has to run on the training thread (on CUDA the device ->
+    host copy; on the CPU a memcpy). Training may change the originals right after."""
+    if not isinstance(train_state, dict):
+        raise CheckpointError(f"train_state must be a dict, got {type(train_state).__name__}")
+    return _prepare_tensors(tensors, copy=True), _safe_state(train_state, "train_state", copy=True)
+
+
+class BackgroundWriter:
+    """Writes checkpoints with a `CheckpointManager` on one background thread.
+
+    `submit` takes the CPU snapshot on the calling (training) thread, then writes, hashes,
+    commits and rotates on the writer thread: the same atomic ``.tmp-*`` directory, fsyncs,
+    ``COMPLETE`` marker and rename as a synchronous `CheckpointManager.save`, so the bytes
+    are the same and a kill at any moment leaves only complete checkpoints. At most one
+    write is in flight: `submit` first waits for the previous one. A write that failed is
+    raised (as `CheckpointError`, its cause chained) by the next `submit` or `wait`, never
+    lost. Rank 0 only, like the manager.
+    """
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        self.manager = manager
+        self._thread: threading.Thread | None = None
+        self._step: int | None = None
+        self._done: Path | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A write is still running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, step: int, tensors: dict[str, torch.Tensor], train_state: dict) -> float:
+        """Wait for the previous write (raising its failure), snapshot, start writing
+        ``step``. Returns the seconds the caller was held (waiting + copying)."""
+        t0 = time.perf_counter()
+        self.wait()
+        cpu_tensors, state = snapshot(tensors, train_state)
+        self._step, self._done = step, None
+        self._thread = threading.Thread(target=self._write, args=(step, cpu_tensors, state),
+                                        name=f"checkpoint-{step_dir_name(step)}", daemon=True)
+        self._thread.start()
+        return time.perf_counter() - t0
+
+    def _write(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        try:
+            t0 = time.perf_counter()
+            self._done = self.manager.save(step, tensors, state)
+            log.info("saved %s (%.2f s on the writer thread)", self._done, time.perf_counter() - t0)
+        except BaseException as exc:  # handed to the training thread by `wait`
+            self._error = exc
+
+    def wait(self) -> Path | None:
+        """Block until the write in flight (if any) is done. Returns its directory (None if
+        there was none); raises `CheckpointError` if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise CheckpointError(
+                f"background write of checkpoint step {self._step} under {self.manager.root} failed: "
+                f"{type(exc).__name__}: {exc}") from exc
+        done, self._done = self._done, None
+        return done
 
 
 # ---------------------------------------------------------------------------------------

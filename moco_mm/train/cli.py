@@ -6,7 +6,9 @@ compute, join the process group, train.
     moco-mm train --config configs/NAME.yaml --print-config [dotted.key=value ...]
     moco-mm train --help          # every config key with its type, default and help
 
-Exit status: 0 done, 2 bad config (the message starts with the key), 1 otherwise.
+Exit status: 0 done, 2 bad config (the message starts with the key), 75 preempted by
+SIGTERM / SIGUSR1 (a checkpoint of the stop step is written and RUN_DIR/PREEMPTED names it;
+run the same command again: preempt.py), 1 otherwise.
 """
 
 from __future__ import annotations

@@ -43,7 +43,15 @@ from moco_mm.metrics import (
     zeroshot_evaluate,
 )
 from moco_mm.model import DualQueueMoCo, load_tokenizer, momentum_at, resolve_init
-from moco_mm.train.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
+from moco_mm.train.checkpoint import (
+    BackgroundWriter,
+    CheckpointError,
+    CheckpointManager,
+    capture_rng_state,
+    restore_rng_state,
+    step_dir_name,
+)
+from moco_mm.train.preempt import EXIT_PREEMPTED, Preempted, Preemption, clear_marker, write_marker
 from moco_mm.train.run_log import MetricsLog, ProgressBar, TensorBoardLogger, WandbLogger
 from moco_mm.train.step import TrainStep
 
@@ -112,6 +120,8 @@ class Trainer:
         self.loader_state = LoaderState.start(0, cfg.data.workers)
         self.counters = Counters()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.writer = BackgroundWriter(self.ckpt)  # rank 0 writes checkpoints off the training thread
+        self.preemption = Preemption(D.store() if info.world_size > 1 else None, info.rank)
         self.last_eval: dict[str, float] = {}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -131,12 +141,18 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> float:
+        """Checkpoint this step (collective). Rank 0 copies the state to the CPU and hands
+        it to the background writer (which first waits for the previous write and raises
+        its failure); training goes on while it writes. Returns the seconds this thread
+        spent (gathering the state, waiting for the previous write, copying)."""
+        t0 = time.perf_counter()
         state = self.train_state()  # collective
         if self.info.is_main:
-            path = self.ckpt.save(self.step, self.state_tensors(), state)
-            log.info("saved %s", path)
-        D.barrier()  # nobody runs ahead of a checkpoint that may be needed for resume
+            self.writer.submit(self.step, self.state_tensors(), state)
+        # No barrier: a kill while the write runs leaves the previous complete checkpoint,
+        # and every rank resumes from the same one.
+        return time.perf_counter() - t0
 
     def restore(self) -> None:
         """Apply checkpoint.resume / checkpoint.init_weights."""
@@ -220,6 +236,7 @@ class Trainer:
             seed=self.cfg.run.seed, state=self.loader_state, rank=self.info.rank, world_size=self.info.world_size,
             workers=d.workers, shuffle_buffer=d.shuffle_buffer, max_consecutive_bad=d.max_consecutive_bad,
             pin_memory=pin_memory_for(d.pin_memory, self.device), prefetch_factor=d.prefetch_factor,
+            pipe_retries=d.pipe_retries, pipe_backoff_s=d.pipe_backoff_s,
         )
         with stream:  # closing the generator stops the worker processes
             yield from stream
@@ -397,7 +414,8 @@ class Trainer:
                     ShardSource.from_spec(cfg.data.val), batch_size=cfg.data.batch_size,
                     transform=self.eval_transform, tokenizer=self.tokenizer,
                     max_length=cfg.model.text.max_length, max_samples=cfg.eval.max_samples,
-                    rank=self.info.rank, world_size=self.info.world_size, block=cfg.data.batch_size):
+                    rank=self.info.rank, world_size=self.info.world_size, block=cfg.data.batch_size,
+                    pipe_retries=cfg.data.pipe_retries, pipe_backoff_s=cfg.data.pipe_backoff_s):
                 with self.stepper.autocast():
                     imgs.append(q.image(batch["image"].to(self.device)).float().cpu())
                     txts.append(q.text(batch["input_ids"].to(self.device),
@@ -427,12 +445,31 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------
 
     def train(self) -> None:
+        """`_train` with SIGTERM / SIGUSR1 caught (preemption: preempt.py) and the background
+        checkpoint write always waited for: at the end, at a stop, and on an error (whose
+        own exception is the one raised; a failed write is then logged)."""
+        self.preemption.install()
+        try:
+            self._train()
+        except BaseException:
+            if self.info.is_main:
+                try:
+                    self.writer.wait()
+                except CheckpointError as e:
+                    log.error("%s", e)
+            raise
+        finally:
+            self.preemption.uninstall()
+
+    def _train(self) -> None:
         cfg = self.cfg
         main = self.info.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         self.restore()
+        if main:
+            clear_marker(self.run_dir)  # a preempted run has resumed
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=main, resume_step=self.step)
         wandb = WandbLogger(cfg, enabled=main)
         tensorboard = TensorBoardLogger(self.run_dir / "tensorboard", enabled=main and cfg.logging.tensorboard,
@@ -441,7 +478,7 @@ class Trainer:
         global_batch = cfg.data.batch_size * self.info.world_size * cfg.optim.accum_steps
         batches = self._batches()
         window_t, window_steps, window_data = time.perf_counter(), 0, 0.0
-        stop_reason = None
+        stop_reason, preempt = None, False
         while self.step < cfg.run.steps:
             next_step = self.step + 1
             m = self.train_step(batches, stats=next_step % cfg.run.log_every == 0 or next_step == cfg.run.steps)
@@ -479,14 +516,27 @@ class Trainer:
                 metrics_log.write(m)
                 wandb.log(m, self.step)
                 tensorboard.log(m, self.step)
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.run.steps or stop_reason:
-                self.save_checkpoint()
+            # A store call, no collective (preempt.py); at the last step the run just ends.
+            preempt = self.preemption.should_stop(self.step) and self.step < cfg.run.steps
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.run.steps or stop_reason or preempt:
+                stall = self.save_checkpoint()
                 tensorboard.flush()  # the events up to a checkpoint are on disk with it
-            if stop_reason:
+                metrics_log.write({"step": self.step, "checkpoint_stall_s": stall})
+            if stop_reason or preempt:
                 break
         bar.close()
         wandb.finish()
         tensorboard.close()
+        if main:
+            self.writer.wait()  # the last checkpoint complete; a failed write is raised here
+        if preempt:
+            if main:
+                write_marker(self.run_dir, self.step, self.preemption.signame,
+                             self.ckpt.root / step_dir_name(self.step))
+            log.warning("rank %d: preempted (%s): checkpoint of step %d written, exiting with status %d",
+                        self.info.rank, self.preemption.signame, self.step, EXIT_PREEMPTED)
+            D.barrier()  # no rank exits (torchrun then stops the rest) before the checkpoint is complete
+            raise Preempted(self.step, self.preemption.signame)
         if stop_reason:
             raise SystemExit(stop_reason)
         if main:

@@ -37,6 +37,7 @@ for name, kind in KINDS.items():
         setattr(dist, name, counted(getattr(dist, name), kind))
 for _ in range(3):
     trainer.train_step(it, stats=False)
+    trainer.preemption.should_stop(trainer.step)  # the loop's per-step preemption check: a store call
 plain = dict(counts)
 counts.clear()
 trainer.train_step(it, stats=True)
