@@ -493,6 +493,11 @@ class Trainer:
                                f"gradient (optim.max_bad_steps={cfg.optim.max_bad_steps}); the last good "
                                f"state is saved at step {self.step}. Lower optim.lr or check the data.")
             log_now = "loss" in m or stop_reason  # train_step computed the metrics of a logging step
+            # A store call, no collective (preempt.py); at the last step the run just ends.
+            preempt = self.preemption.should_stop(self.step) and self.step < cfg.run.steps
+            checkpoint_now = (self.step % cfg.checkpoint.every == 0 or self.step == cfg.run.steps
+                              or bool(stop_reason) or preempt)
+            record = None
             if log_now:
                 if "loss" not in m:  # a stop between logging steps: the counters, reduced now
                     self.flush_counters()
@@ -505,23 +510,23 @@ class Trainer:
                     m["cuda_max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.run.steps):
                     m.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-                metrics_log.write(m)
-                wandb.log(m, self.step)
-                tensorboard.log(m, self.step)
-                bar.update_to(self.step, m)
-                window_t, window_steps, window_data = time.perf_counter(), 0, 0.0
+                record = m
             elif cfg.eval.every and self.step % cfg.eval.every == 0:
-                m = {f"eval/{k}": v for k, v in self.evaluate().items()}
-                m["step"] = self.step
-                metrics_log.write(m)
-                wandb.log(m, self.step)
-                tensorboard.log(m, self.step)
-            # A store call, no collective (preempt.py); at the last step the run just ends.
-            preempt = self.preemption.should_stop(self.step) and self.step < cfg.run.steps
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.run.steps or stop_reason or preempt:
-                stall = self.save_checkpoint()
+                record = {f"eval/{k}": v for k, v in self.evaluate().items()}
+                record["step"] = self.step
+            if checkpoint_now:
+                # The checkpoint's cost to this thread goes in the step's own record (one line
+                # per step: readers keep the last line of a step); the write continues behind.
+                record = (record or {"step": self.step}) | {"checkpoint_stall_s": self.save_checkpoint()}
+            if record is not None:
+                metrics_log.write(record)
+                wandb.log(record, self.step)
+                tensorboard.log(record, self.step)
+                if log_now:
+                    bar.update_to(self.step, record)
+                    window_t, window_steps, window_data = time.perf_counter(), 0, 0.0
+            if checkpoint_now:
                 tensorboard.flush()  # the events up to a checkpoint are on disk with it
-                metrics_log.write({"step": self.step, "checkpoint_stall_s": stall})
             if stop_reason or preempt:
                 break
         bar.close()
