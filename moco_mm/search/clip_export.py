@@ -36,7 +36,14 @@ from torch import nn
 
 from moco_mm.config import ConfigError
 from moco_mm.model.clip_towers import ClipSource, build_clip_model, resolve_init, towers_from_clip_model
-from moco_mm.search.export import ExportError, _replace_dir, load_towers, resolve_source, write_manifest
+from moco_mm.search.export import (
+    ExportError,
+    _replace_dir,
+    check_out_dir,
+    load_towers,
+    resolve_source,
+    write_manifest,
+)
 
 FORMATS = ("open_clip", "hf")
 ATOL = 1e-5
@@ -291,11 +298,7 @@ def export_clip(out: Path | str, fmt: str, *, run_dir: Path | str | None = None,
     """Write `out` in OpenCLIP's (`open_clip`) or Hugging Face's (`hf`) format; atomic."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of moco_mm, {', '.join(FORMATS)}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out}: not empty; pass --overwrite to replace it")
+    out = check_out_dir(out, overwrite)
     run, ckpt = resolve_source(run_dir, checkpoint)
     image, text, tokenizer, cfg, step, log_t = load_towers(run, ckpt, towers)
     log(f"loaded {towers} towers from {ckpt} (step {step})")

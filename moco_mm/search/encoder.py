@@ -18,10 +18,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import safetensors.torch
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from moco_mm.data import build_transforms
-from moco_mm.data.make_shards import ImageError, decode_image, to_rgb
+from moco_mm.data.labeled import load_image_file
+from moco_mm.data.make_shards import to_rgb
 from moco_mm.model import ImageTower, TextTower
 from moco_mm.search.export import (
     INTERPOLATIONS,
@@ -45,17 +46,7 @@ class SearchError(RuntimeError):
 def load_image(path: str | os.PathLike) -> Image.Image:
     """A file -> upright 8-bit RGB, the way make_shards stores training images. Raises
     ImageError naming the file."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ImageError(f"{path}: unreadable: {e}") from None
-    try:
-        img = decode_image(data)
-        if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation, as make_shards applies it
-            img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except ImageError as e:
-        raise ImageError(f"{path}: {e}") from None
+    return load_image_file(path)
 
 
 class Encoder:

@@ -562,16 +562,22 @@ def _save_tensors(module: nn.Module, path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
-def export_encoders(out: Path | str, *, run_dir: Path | str | None = None, checkpoint: Path | str | None = None,
-                    towers: str = "query", onnx: bool = False, overwrite: bool = False,
-                    atol: float = ONNX_ATOL, log: Callable[[str], None] = lambda s: None) -> ExportResult:
-    """Write the export directory `out` (see the module docstring). Atomic: on any error
-    (ONNX mismatch included) `out` is left as it was."""
+def check_out_dir(out: Path | str, overwrite: bool) -> Path:
+    """An export's --out: absent, empty, or replaceable with --overwrite (checked before any work)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out}: not empty; pass --overwrite to replace it")
+    return out
+
+
+def export_encoders(out: Path | str, *, run_dir: Path | str | None = None, checkpoint: Path | str | None = None,
+                    towers: str = "query", onnx: bool = False, overwrite: bool = False,
+                    atol: float = ONNX_ATOL, log: Callable[[str], None] = lambda s: None) -> ExportResult:
+    """Write the export directory `out` (see the module docstring). Atomic: on any error
+    (ONNX mismatch included) `out` is left as it was."""
+    out = check_out_dir(out, overwrite)
     run, ckpt = resolve_source(run_dir, checkpoint)
     image, text, tokenizer, cfg, step, _ = load_towers(run, ckpt, towers)
     log(f"loaded {towers} towers from {ckpt} (step {step})")
