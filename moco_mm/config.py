@@ -66,6 +66,8 @@ class RunConfig:
     channels_last: Literal["auto", "on", "off"] = opt("auto", "channels-last memory for convolutional image "
                                                               "towers; auto: on CUDA")
     ddp_bucket_mb: int = opt(25, "DDP gradient bucket size in MiB")
+    parallel: Literal["ddp", "fsdp"] = opt("ddp", "ddp: whole towers on every rank; fsdp: query and key towers "
+                                                  "sharded per block (FSDP2), for towers DDP cannot fit")
 
 
 @dataclass
@@ -221,6 +223,9 @@ class Config:
         _positive("run.log_every", self.run.log_every)
         _positive("run.process_group_timeout_s", self.run.process_group_timeout_s)
         _positive("run.ddp_bucket_mb", self.run.ddp_bucket_mb)
+        if self.run.parallel == "fsdp" and self.run.compile:
+            raise ConfigError("run.compile: not supported with run.parallel=fsdp yet; set run.compile=false "
+                              "(or run.parallel=ddp)")
         _positive("data.batch_size", self.data.batch_size)
         _non_negative("data.workers", self.data.workers)
         _positive("data.max_consecutive_bad", self.data.max_consecutive_bad)

@@ -250,3 +250,26 @@ def ddp_buffer_sync(sync: bool) -> dict:
     if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
         return {"forward_sync_buffers": sync}
     return {"broadcast_buffers": sync}
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP2's sharded
+    parameters; a view, so in-place ops on it change the parameter), the tensor itself
+    otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def broadcast_coalesced(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite `tensors` (same shapes on every rank) with `src`'s values in place, in ONE
+    broadcast per dtype (flattened); identity for one process."""
+    if not is_dist() or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=src)
+        torch._foreach_copy_(group, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in group]), group)])

@@ -220,24 +220,27 @@ class DualQueueMoCo(nn.Module):
         k_params, q_params, k_bufs, q_bufs = self._ema_lists()
         if k_params:
             # lerp: k + (1-m)(q-k) = m*k + (1-m)*q in one pass over the bytes (measured at
-            # half the time of mul_ + add_ by moco-mm bench).
-            torch._foreach_lerp_(k_params, q_params, 1.0 - m)
+            # half the time of mul_ + add_ by moco-mm bench). Under FSDP each rank updates
+            # its own shards: a key tower is sharded exactly like its query twin, so the
+            # local shards hold the same elements (train/parallel.py); no communication.
+            torch._foreach_lerp_([D.local_shard(k) for k in k_params], [D.local_shard(q) for q in q_params], 1.0 - m)
         if k_bufs:
             torch._foreach_copy_(k_bufs, q_bufs)
 
     def query_bn_state(self) -> list[torch.Tensor]:
         """Copies of the query towers' BatchNorm buffers (running mean/var, batch count);
         empty for towers without BatchNorm."""
-        return [b.detach().clone() for b in self._query_bn_buffers()]
+        return [b.detach().clone() for b in self.query_bn_buffers()]
 
     @torch.no_grad()
     def load_query_bn_state(self, saved: list[torch.Tensor]) -> None:
         """Put back what `query_bn_state` copied (a skipped non-finite step)."""
-        bufs = self._query_bn_buffers()
+        bufs = self.query_bn_buffers()
         if bufs:
             torch._foreach_copy_(bufs, saved)
 
-    def _query_bn_buffers(self) -> list[torch.Tensor]:
+    def query_bn_buffers(self) -> list[torch.Tensor]:
+        """The query towers' BatchNorm buffers (running mean/var, batch count), in module order."""
         return [b for m in self.query.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                 for b in m.buffers()]
 

@@ -26,11 +26,21 @@ the temperature is clamped once, after the optimizer step.
 With `model.momentum_encoder: false` (the CLIP objective) there is no EMA and no queue:
 each micro-batch's negatives are its own gathered batch, and its loss back-propagates
 through that gather into every rank's towers.
+
+Under `run.parallel: fsdp` (train/parallel.py) the same step runs on sharded towers: each
+micro-batch's backward reduce-scatters its gradients (no no_sync: accumulating sharded
+gradients keeps memory at 1/W); then ONE packed all-reduce carries the replicated
+scalars' gradients, every rank's sum of squared local gradient elements and the count of
+non-finite losses, from which every rank gets the same global gradient norm (NaN when any
+rank's loss was not finite: the skip needs no NaN guard) and clips its local shards; the
+EMA runs on local shards; BatchNorm statistics, which FSDP does not synchronise, are
+broadcast from rank 0 after each step, as DDP broadcasts them before each forward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +51,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from moco_mm import distributed as D
 from moco_mm.config import Config
 from moco_mm.model import DualQueueMoCo, has_batchnorm, momentum_at
+from moco_mm.train.parallel import ddp_query, shard_towers, split_sharded
+
+log = logging.getLogger("moco_mm.train")
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -67,6 +80,11 @@ def build_optimizer(query: torch.nn.Module, cfg: Config, device: torch.device | 
         (no_decay if skip else decay).append(p)
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Under FSDP the 0-d scalars stay plain tensors beside the sharded DTensors; one fused
+    # kernel call cannot take both, so they get a group of their own.
+    sharded, replicated = split_sharded(no_decay)
+    if sharded:
+        groups[1:] = [{"params": sharded, "weight_decay": 0.0}, {"params": replicated, "weight_decay": 0.0}]
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -108,10 +126,12 @@ class StepResult:
 class TrainStep:
     """The optimizer step of `model` (see the module docstring).
 
-    world_size > 1: the query towers go into DDP (only they are trained: the key towers and
-    queues are never broadcast; see model/dual_queue.py), gradients living in the buckets
-    (no second copy), buffers broadcast only where ranks can differ (BatchNorm statistics),
-    a static graph when there is no accumulation.
+    world_size > 1, run.parallel ddp: the query towers go into DDP (only they are trained:
+    the key towers and queues are never broadcast; see model/dual_queue.py), gradients
+    living in the buckets (no second copy), buffers broadcast only where ranks can differ
+    (BatchNorm statistics), a static graph when there is no accumulation.
+    world_size > 1, run.parallel fsdp: query and key towers sharded per block (FSDP2,
+    train/parallel.py), gathered in the autocast dtype, gradients reduced in fp32.
     run.compile: the towers compile in place (state-dict names unchanged); in one process
     the whole forward (towers, keys, gather, loss) is one graph.
     """
@@ -133,16 +153,24 @@ class TrainStep:
         # crashes or silently stops all-reducing from the second step on (pytorch#187732);
         # not under compile, where dynamo's DDPOptimizer splits the graph at the buckets.
         static = cfg.optim.accum_steps == 1 and not cfg.run.compile
-        self.query = (DDP(model.query, device_ids=[local_rank] if device.type == "cuda" else None,
-                          gradient_as_bucket_view=True, **D.ddp_buffer_sync(has_batchnorm(model.query)),
-                          bucket_cap_mb=cfg.run.ddp_bucket_mb, static_graph=static)
-                      if world_size > 1 else model.query)
+        self.autocast_dtype = autocast_dtype(cfg.run.precision, device)
+        self.sharded = cfg.run.parallel == "fsdp" and world_size > 1
+        if cfg.run.parallel == "fsdp" and world_size == 1:
+            log.info("run.parallel=fsdp with one process: nothing to shard, the towers train whole")
+        if self.sharded:
+            shard_towers(model, self.autocast_dtype)
+            self.query = model.query
+        else:
+            self.query = (ddp_query(model, cfg.run.ddp_bucket_mb, static, device, local_rank)
+                          if world_size > 1 else model.query)
         self.forward = torch.compile(model) if cfg.run.compile and world_size == 1 else model
         self.optimizer = build_optimizer(model.query, cfg, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # The trained scalar the NaN guard feeds: the first trained parameter.
         self._anchor = self.params[0] if self.params else None
-        self.autocast_dtype = autocast_dtype(cfg.run.precision, device)
+        self.sharded_params, self.replicated_params = split_sharded(self.params)
+        # FSDP does not synchronise buffers: BatchNorm statistics go from rank 0 to all.
+        self._bn_sync = self.sharded and has_batchnorm(model.query)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -174,6 +202,7 @@ class TrainStep:
                                                               0.0)
         outs = []
         batches = iter(micro_batches)
+        n_bad = torch.zeros((), device=self.device)  # this rank's non-finite losses (FSDP)
         for i in range(accum):
             inputs = next(batches)
             # No gradient all-reduce until the last micro-batch.
@@ -182,13 +211,19 @@ class TrainStep:
             with sync:
                 with self.autocast():
                     out = self.forward(**inputs, query=self.query, distill_alpha=distill_alpha, stats=stats)
-                (out.loss / accum + self.nan_guard(out.loss)).backward()
+                if self.sharded:
+                    (out.loss / accum).backward()
+                    n_bad = n_bad + (~torch.isfinite(out.loss.detach())).float()
+                else:
+                    (out.loss / accum + self.nan_guard(out.loss)).backward()
             outs.append(out)
             for name in sums:
                 value = getattr(out, name)
                 if value is not None:
                     sums[name] = sums[name] + value.detach() / accum
-        if cfg.optim.grad_clip > 0:
+        if self.sharded:
+            grad_norm = self._reduce_sharded(n_bad, cfg.optim.grad_clip)
+        elif cfg.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
         else:
             grad_norm = torch.linalg.vector_norm(
@@ -199,6 +234,8 @@ class TrainStep:
         if finite:
             self.optimizer.step()
             self.model.query.clamp_temperature()
+            if self._bn_sync:  # before the EMA, which copies them into the key towers
+                D.broadcast_coalesced(self.model.query_bn_buffers())
             # The EMA that MoCo runs before the next step's keys, run here so that a skipped
             # step cannot move the key towers (same trajectory: key(t+1) is computed from
             # the query after step t, with the momentum of step t+1).
@@ -210,3 +247,30 @@ class TrainStep:
             self.model.load_query_bn_state(bn_before)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(finite=finite, lr=lr, grad_norm=grad_norm, **sums)
+
+    @torch.no_grad()
+    def _reduce_sharded(self, n_bad: torch.Tensor, clip: float) -> torch.Tensor:
+        """FSDP: average the replicated scalars' gradients and get the global gradient norm
+        in ONE all-reduce of [replicated grads..., sum of squares of the local shards'
+        gradients, non-finite losses]; clip every local gradient by it when `clip` > 0.
+        -> the norm (0-d, the same on every rank; NaN when any rank's loss was not finite)."""
+        reps = self.replicated_params
+        rep_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in reps]
+        local = [D.local_shard(p.grad) for p in self.sharded_params if p.grad is not None]
+        local_sq = (torch.stack(torch._foreach_norm(local)).float().pow(2).sum() if local
+                    else torch.zeros((), device=self.device))
+        packed = D.all_reduce_sum(torch.cat([g.detach().float().reshape(-1) for g in rep_grads]
+                                            + [local_sq.reshape(1), n_bad.reshape(1)]))
+        n = sum(g.numel() for g in rep_grads)
+        mean_rep = packed[:n] / D.world_size()
+        for p, g in zip(reps, mean_rep.split([g.numel() for g in rep_grads])):
+            p.grad = g.view_as(p).to(p.dtype)
+        norm = (packed[n] + mean_rep.pow(2).sum()).sqrt()
+        norm = torch.where(packed[n + 1] > 0, torch.full_like(norm, float("nan")), norm)
+        if clip > 0:
+            # As clip_grad_norm_: scale by clip / (norm + 1e-6) when that is below 1.
+            coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+            grads = local + [p.grad for p in reps]
+            if grads:
+                torch._foreach_mul_(grads, coef)
+        return norm
