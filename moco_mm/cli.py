@@ -14,6 +14,8 @@ import sys
 # name -> (module:function, one line for the command list)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("moco_mm.train.cli:main", "pretrain or fine-tune (also under torchrun); --help lists every config key"),
+    "consolidate": ("moco_mm.train.cli:consolidate_main", "a sharded (run.parallel=fsdp) checkpoint -> one "
+                                                          "model.safetensors checkpoint"),
     "plot": ("moco_mm.train.plot:main", "PNGs of runs' metrics.jsonl overlaid: loss, temperature, R@1, samples/s, "
                                         "data wait"),
     "demo-data": ("moco_mm.data.cli:demo_data_main", "build the procedural demo shards and tokenizer"),

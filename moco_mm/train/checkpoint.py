@@ -12,6 +12,12 @@ On-disk layout (``root`` is ``RUN_DIR/checkpoints``)::
         COMPLETE            JSON marker written last: {"format", "step", "files":
                             {name: {"size", "sha256"}}}
       step_00002000/ ...
+      step_00003000/        a SHARDED checkpoint (run.parallel: fsdp), every rank writes:
+        dcp/                torch.distributed.checkpoint: .metadata + one __R_0.distcp per
+                            rank ({"model": model state, "optim": optimizer state}; FSDP
+                            shards as shards, replicated tensors once)
+        train_state.pt      as above, less the optimizer (it is in dcp/)
+        COMPLETE            marker with "layout": "sharded" and every file's size and hash
       .tmp-step_00003000-<pid>/    a save in progress (or killed mid-way)
       .old-step_00002000-<pid>/    a same-step re-save moved the previous copy aside
       .trash-step_00001000-<pid>/  a rotated-out checkpoint being deleted
@@ -37,6 +43,14 @@ Guarantees (single writer per ``root``: only rank 0 calls `CheckpointManager.sav
   failure is a `CheckpointError` naming the directory and the cause.
   `CheckpointManager.load_latest_valid` walks from the newest complete checkpoint down
   and skips (with a warning naming it) any that fails to load.
+
+* Sharded checkpoints (`save_sharded`, `load_sharded`, `load_latest_valid_sharded`) keep
+  every guarantee above: every rank writes its shard into the same ``.tmp-*`` directory
+  (shared storage), rank 0 writes the state and the marker (each rank hashes its own
+  shard) and commits and rotates; loading verifies the files (split between the ranks)
+  and every rank agrees on which checkpoint it loads. `load` reads one in a single
+  process as whole tensors under the same names, so export, `checkpoint.init_weights`
+  and `consolidate` work on both layouts.
 
 * Off the training thread. `BackgroundWriter.submit` copies the tensors and state to the
   CPU (`snapshot`) on the caller's thread and runs the same `save` on a writer thread; one
@@ -67,6 +81,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from moco_mm import distributed as D
 from moco_mm.config import CHECKPOINT_MARKER
 
 __all__ = [
@@ -77,6 +92,7 @@ __all__ = [
     "BackgroundWriter",
     "CheckpointManager",
     "capture_rng_state",
+    "consolidate",
     "restore_rng_state",
     "snapshot",
     "step_dir_name",
@@ -84,6 +100,7 @@ __all__ = [
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
+SHARDS_DIR = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint directory
 MARKER_FILE = CHECKPOINT_MARKER
 _FORMAT = 1
 _STEP_RE = re.compile(r"step_(\d{8,})")
@@ -223,7 +240,7 @@ def _read_marker(directory: Path) -> dict:
         and marker.get("format") == _FORMAT
         and type(marker.get("step")) is int
         and isinstance(marker.get("files"), dict)
-        and set(marker["files"]) == {MODEL_FILE, STATE_FILE}
+        and _expected_files(marker.get("layout", "full"), set(marker["files"]))
         and all(
             isinstance(info, dict) and type(info.get("size")) is int and isinstance(info.get("sha256"), str)
             for info in marker["files"].values()
@@ -237,6 +254,30 @@ def _read_marker(directory: Path) -> dict:
     if (m := _WORK_RE.fullmatch(directory.name)) and int(m[2]) != marker["step"]:
         raise CheckpointError(f"{directory}: marker says step {marker['step']}, the name disagrees")
     return marker
+
+
+def _expected_files(layout: str, names: set[str]) -> bool:
+    """The files a marker of this layout must list: the model and the state (full), or the
+    state, the DCP metadata and only DCP files beside them (sharded)."""
+    if layout == "full":
+        return names == {MODEL_FILE, STATE_FILE}
+    if layout == "sharded":
+        meta = f"{SHARDS_DIR}/.metadata"
+        return {STATE_FILE, meta} <= names and all(n == STATE_FILE or n.startswith(f"{SHARDS_DIR}/") for n in names)
+    return False
+
+
+def _check_files(path: Path, files: dict, verify: bool) -> None:
+    """Raise `CheckpointError` unless each file has the marker's size (and hash)."""
+    for name, info in files.items():
+        try:
+            size = (path / name).stat().st_size
+        except OSError as exc:
+            raise CheckpointError(f"{name}: {exc}") from exc
+        if size != info["size"]:
+            raise CheckpointError(f"{name} has {size} bytes, the marker says {info['size']}")
+        if verify and _sha256(path / name) != info["sha256"]:
+            raise CheckpointError(f"{name} does not match its sha256 in the marker")
 
 
 def _marker_step(directory: Path) -> int | None:
@@ -303,6 +344,11 @@ class CheckpointManager:
         """The step recorded in a complete checkpoint's marker."""
         return _read_marker(Path(path))["step"]
 
+    @staticmethod
+    def layout_of(path: Path | str) -> str:
+        """"full" (model.safetensors, one writer) or "sharded" (dcp/, every rank wrote)."""
+        return _read_marker(Path(path)).get("layout", "full")
+
     # -- saving --------------------------------------------------------------------------
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], train_state: dict) -> Path:
@@ -356,17 +402,53 @@ class CheckpointManager:
             f.flush()
             os.fsync(f.fileno())
         # Hash what is on disk (page cache, so cheap) rather than what we meant to write.
-        files = {
-            name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-            for name in (MODEL_FILE, STATE_FILE)
-        }
-        marker = {"format": _FORMAT, "step": step, "files": files, "created_unix": time.time()}
-        marker_path = tmp / MARKER_FILE
-        with open(marker_path, "w", encoding="utf-8") as f:
-            json.dump(marker, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_path(tmp)
+        _write_marker(tmp, step, {name: _file_entry(tmp, name) for name in (MODEL_FILE, STATE_FILE)})
+
+    def save_sharded(self, step: int, state_dict: dict, train_state: dict) -> Path | None:
+        """Write ``root/step_{step:08d}`` as a sharded checkpoint. COLLECTIVE: every rank
+        calls it with its own `state_dict` ({"model": ..., "optim": ...} holding FSDP shards
+        and replicated tensors); the directory must be on storage every rank sees.
+
+        Rank 0 validates `train_state` and makes the ``.tmp-*`` directory; every rank writes
+        its shard there (`torch.distributed.checkpoint`, files fsynced) and hashes it; rank
+        0 writes the state, the marker listing every file, commits and rotates exactly as
+        `save` does. Returns the final directory on rank 0, None on the others."""
+        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint import save as dcp_save
+
+        main = D.rank() == 0
+        tmp_name, state = None, None
+        if main:
+            state = _safe_state(train_state, "train_state")  # a bad value fails before any write
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._cleanup_stale()
+            tmp_name = f".tmp-{step_dir_name(step)}-{os.getpid()}"
+            (self.root / tmp_name).mkdir()
+        tmp = self.root / D.broadcast_object(tmp_name)
+        try:
+            dcp_save(state_dict, storage_writer=FileSystemWriter(tmp / SHARDS_DIR, sync_files=True))
+            own = sorted(p.name for p in (tmp / SHARDS_DIR).iterdir() if p.name.startswith(f"__{D.rank()}_"))
+            files: dict = {}
+            for part in D.gather_objects({f"{SHARDS_DIR}/{n}": _file_entry(tmp, f"{SHARDS_DIR}/{n}") for n in own}):
+                files.update(part)
+            if not main:
+                return None
+            with open(tmp / STATE_FILE, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            for name in (STATE_FILE, f"{SHARDS_DIR}/.metadata"):
+                files[name] = _file_entry(tmp, name)
+            _fsync_path(tmp / SHARDS_DIR)
+            _write_marker(tmp, step, dict(sorted(files.items())), layout="sharded", world_size=D.world_size())
+            final = self.root / step_dir_name(step)
+            self._commit(tmp, final, step)
+        except BaseException:
+            if main:
+                _rmtree(tmp)
+            raise
+        self._rotate(protect=final)
+        return final
 
     def _commit(self, tmp: Path, final: Path, step: int) -> None:
         """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first because
@@ -439,19 +521,62 @@ class CheckpointManager:
         path = Path(path)
         marker = _read_marker(path)
         try:
-            for name, info in marker["files"].items():
-                size = (path / name).stat().st_size
-                if size != info["size"]:
-                    raise CheckpointError(f"{name} has {size} bytes, the marker says {info['size']}")
-                if verify and _sha256(path / name) != info["sha256"]:
-                    raise CheckpointError(f"{name} does not match its sha256 in the marker")
-            tensors = safetensors.torch.load_file(path / MODEL_FILE, device="cpu")
-            state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{STATE_FILE} holds a {type(state).__name__}, not a dict")
+            _check_files(path, marker["files"], verify)
+            if marker.get("layout", "full") == "sharded":
+                tensors = _whole_model_tensors(path / SHARDS_DIR)
+            else:
+                tensors = safetensors.torch.load_file(path / MODEL_FILE, device="cpu")
+            state = _load_state(path)
         except Exception as exc:
             raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
         return tensors, state
+
+    @staticmethod
+    def load_sharded(path: Path | str, state_dict: dict, verify: bool = True, check=None) -> dict:
+        """Load a sharded checkpoint into `state_dict` IN PLACE (every rank its own shards,
+        resharded by DCP if the world size changed) and return its train state. COLLECTIVE.
+        The files are verified first, split between the ranks, and every rank raises the
+        same `CheckpointError` when any check fails. `check(path, train_state)`, when given,
+        runs before any tensor is read (e.g. to refuse an incompatible config)."""
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint import load as dcp_load
+
+        path = Path(path)
+        error = None
+        try:
+            marker = _read_marker(path)
+            if marker.get("layout", "full") != "sharded":
+                raise CheckpointError(f"{path} is not a sharded checkpoint (it has {MODEL_FILE})")
+            names = sorted(marker["files"])
+            _check_files(path, {n: marker["files"][n] for n in names[D.rank()::D.world_size()]}, verify)
+            state = _load_state(path)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        errors = [e for e in D.gather_objects(error) if e]
+        if errors:
+            raise CheckpointError(f"cannot load checkpoint {path}: {errors[0]}")
+        if check is not None:
+            check(path, state)
+        try:
+            dcp_load(state_dict, storage_reader=FileSystemReader(path / SHARDS_DIR))
+        except Exception as exc:  # DCP raises the same failure on every rank
+            raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        return state
+
+    def load_latest_valid_sharded(self, state_dict: dict, verify: bool = True, check=None) -> tuple[Path, dict] | None:
+        """`load_latest_valid` for sharded checkpoints (COLLECTIVE): the newest one that
+        loads, into `state_dict` in place, as (path, train_state); None when there is none.
+        Rank 0's listing decides, so every rank tries the same directories in the same order;
+        a full-layout checkpoint among them is an error (`CheckpointError`), not skipped."""
+        for path in D.broadcast_object(self.complete_checkpoints())[::-1]:
+            if self.layout_of(path) != "sharded":
+                raise CheckpointError(f"{path} was written by a whole-model (run.parallel=ddp) run")
+            try:
+                return path, self.load_sharded(path, state_dict, verify, check)
+            except CheckpointError as exc:
+                if D.rank() == 0:
+                    warnings.warn(f"skipping checkpoint {path}: {exc}", RuntimeWarning, stacklevel=2)
+        return None
 
     def load_latest_valid(self, verify: bool = True) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
         """The newest checkpoint that loads, as ``(path, tensors, train_state)``; None when
@@ -464,6 +589,71 @@ class CheckpointManager:
                 continue
             return path, tensors, state
         return None
+
+
+def consolidate(src: Path | str, out: Path | str) -> Path:
+    """Write checkpoint `src` (either layout) as a whole-model checkpoint directory `out`:
+    model.safetensors (every tensor whole, the same names), train_state.pt and COMPLETE,
+    atomically (a ``.tmp`` sibling renamed into place). A sharded source's optimizer
+    state stays behind (it is keyed by parameter name, sharded): `out` serves export,
+    `checkpoint.init_weights` and evaluation, and a DDP resume from it is refused.
+    `out` must not exist."""
+    src, out = Path(src), Path(out)
+    if out.exists():
+        raise CheckpointError(f"{out} already exists")
+    tensors, state = CheckpointManager.load(src)
+    state = {**state, "consolidated_from": str(src)}
+    step = CheckpointManager.step_of(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    _rmtree(tmp)
+    tmp.mkdir()
+    try:
+        CheckpointManager(out.parent)._write(tmp, step, _prepare_tensors(tensors), _safe_state(state, "train_state"))
+        os.replace(tmp, out)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+    _fsync_path(out.parent)
+    return out
+
+
+def _file_entry(directory: Path, name: str) -> dict:
+    return {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+
+
+def _write_marker(directory: Path, step: int, files: dict, **extra) -> None:
+    """The COMPLETE marker, written last and fsynced with its directory."""
+    marker = {"format": _FORMAT, "step": step, **extra, "files": files, "created_unix": time.time()}
+    with open(directory / MARKER_FILE, "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(directory)
+
+
+def _load_state(path: Path) -> dict:
+    state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{STATE_FILE} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def _whole_model_tensors(shards: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a DCP directory, whole, on the CPU, in this process (no process
+    group): the "model" half of what `save_sharded` wrote, under the model's own names."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    # What torch's own `dcp_to_torch_save` does (the public `load` only fills keys the
+    # caller already has), restricted to the model half.
+    loaded: dict = {}
+    with warnings.catch_warnings():  # "no process group: loading in a single process": meant
+        warnings.simplefilter("ignore", UserWarning)
+        _load_state_dict(loaded, storage_reader=FileSystemReader(shards),
+                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return {name: t.contiguous() for name, t in loaded["model"].items()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ compute, join the process group, train.
     torchrun --nproc_per_node=8 -m moco_mm.train --config configs/NAME.yaml [dotted.key=value ...]
     moco-mm train --config configs/NAME.yaml --print-config [dotted.key=value ...]
     moco-mm train --help          # every config key with its type, default and help
+    moco-mm consolidate RUN_DIR/checkpoints/step_NNNNNNNN --out DIR   # sharded -> model.safetensors
 
 Exit status: 0 done, 2 bad config (the message starts with the key), 75 preempted by
 SIGTERM / SIGUSR1 (a checkpoint of the stop step is written and RUN_DIR/PREEMPTED names it;
@@ -21,6 +22,7 @@ import sys
 from moco_mm import distributed as D
 from moco_mm.config import ConfigError, config_yaml, describe_keys, load_config
 from moco_mm.model.losses import validate_objective
+from moco_mm.train.checkpoint import CheckpointError, CheckpointManager, consolidate
 from moco_mm.train.kernels import configure_kernels
 from moco_mm.train.trainer import Trainer
 
@@ -64,4 +66,25 @@ def main(argv=None) -> int:
         return 2
     finally:
         D.shutdown()
+    return 0
+
+
+def consolidate_main(argv=None) -> int:
+    """`moco-mm consolidate`: a checkpoint (sharded or not) -> one whole-model checkpoint."""
+    p = argparse.ArgumentParser(
+        prog="moco-mm consolidate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=("Write a checkpoint's tensors whole into one model.safetensors (with its train_state.pt and\n"
+                     "COMPLETE marker), e.g. a sharded run.parallel=fsdp checkpoint. No process group or GPU\n"
+                     "is needed. The result serves `moco-mm export --checkpoint`, checkpoint.init_weights and\n"
+                     "evaluation; a sharded checkpoint's optimizer state stays in the original. (export and\n"
+                     "init_weights also read sharded checkpoints directly.)"))
+    p.add_argument("checkpoint", help="a complete step directory (RUN_DIR/checkpoints/step_NNNNNNNN)")
+    p.add_argument("--out", required=True, help="the new checkpoint directory (must not exist)")
+    args = p.parse_args(argv)
+    try:
+        out = consolidate(args.checkpoint, args.out)
+    except CheckpointError as e:
+        print(f"consolidate: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'model.safetensors'}: step {CheckpointManager.step_of(out)} of {args.checkpoint}")
     return 0

@@ -51,6 +51,7 @@ from moco_mm.train.checkpoint import (
     restore_rng_state,
     step_dir_name,
 )
+from moco_mm.train.parallel import gathered
 from moco_mm.train.preempt import EXIT_PREEMPTED, Preempted, Preemption, clear_marker, write_marker
 from moco_mm.train.run_log import MetricsLog, ProgressBar, TensorBoardLogger, WandbLogger
 from moco_mm.train.step import TrainStep
@@ -98,6 +99,7 @@ class Trainer:
         # Channels-last, compile, DDP over the query towers, fused AdamW, autocast: the step.
         self.stepper = TrainStep(self.model, cfg, self.device, info.world_size, info.local_rank)
         self.optimizer = self.stepper.optimizer
+        self.sharded = self.stepper.sharded  # FSDP: sharded checkpoints, every rank writes
         self.pending_skipped = 0  # corrupt samples skipped on this rank since the last reduction
 
         self.source = ShardSource.from_spec(cfg.data.train)
@@ -129,26 +131,38 @@ class Trainer:
         return self.model.state_dict()
 
     def train_state(self) -> dict:
-        """Everything but the weights; collective: every rank must call it."""
+        """Everything but the weights (and, sharded, the optimizer: it is in the shards);
+        collective: every rank must call it."""
         self.flush_counters()
         return {
             "step": self.step,
             "world_size": self.info.world_size,
             "loader": D.gather_objects(self.loader_state.to_dict()),
             "rng": D.gather_objects(capture_rng_state()),
-            "optimizer": self.optimizer.state_dict(),
+            **({} if self.sharded else {"optimizer": self.optimizer.state_dict()}),
             "counters": self.counters.to_dict(),
             "config": to_dict(self.cfg),
         }
 
+    def sharded_state(self) -> dict:
+        """What a sharded checkpoint holds per rank: the model state (FSDP shards of the
+        towers, replicated queues, scalars, buffers) and the optimizer's, keyed by
+        parameter name."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {"model": self.model.state_dict(), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+
     def save_checkpoint(self) -> float:
-        """Checkpoint this step (collective). Rank 0 copies the state to the CPU and hands
-        it to the background writer (which first waits for the previous write and raises
-        its failure); training goes on while it writes. Returns the seconds this thread
-        spent (gathering the state, waiting for the previous write, copying)."""
+        """Checkpoint this step (collective). Whole towers: rank 0 copies the state to the
+        CPU and hands it to the background writer (which first waits for the previous write
+        and raises its failure); training goes on while it writes. Sharded: every rank
+        writes its shards now (`CheckpointManager.save_sharded`). Returns the seconds this
+        thread spent."""
         t0 = time.perf_counter()
         state = self.train_state()  # collective
-        if self.info.is_main:
+        if self.sharded:
+            self.ckpt.save_sharded(self.step, self.sharded_state(), state)
+        elif self.info.is_main:
             self.writer.submit(self.step, self.state_tensors(), state)
         # No barrier: a kill while the write runs leaves the previous complete checkpoint,
         # and every rank resumes from the same one.
@@ -157,7 +171,9 @@ class Trainer:
     def restore(self) -> None:
         """Apply checkpoint.resume / checkpoint.init_weights."""
         c = self.cfg.checkpoint
-        if c.resume not in ("auto", "none"):
+        if self.sharded:
+            self._restore_sharded()
+        elif c.resume not in ("auto", "none"):
             try:
                 tensors, state = CheckpointManager.load(Path(c.resume))
             except CheckpointError as e:
@@ -171,10 +187,54 @@ class Trainer:
         if c.init_weights and self.step == 0:
             self._load_weights_only(Path(c.init_weights))
 
+    def _restore_sharded(self) -> None:
+        """checkpoint.resume for sharded towers: every rank loads its own shards."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        c = self.cfg.checkpoint
+        if c.resume == "none":
+            return
+        loaded = self.sharded_state()  # DCP reads into these tensors in place
+
+        def check(path: Path, state: dict) -> None:
+            self._check_compatible(path, state["config"])
+
+        try:
+            if c.resume == "auto":
+                found = self.ckpt.load_latest_valid_sharded(loaded, check=check)
+                if found is None:
+                    # A fresh start. Building the optimizer's state dict ran one zero step to
+                    # create its state (lr 0, weights unchanged): drop that state, or AdamW's
+                    # bias correction would start from step 2.
+                    self.optimizer.state.clear()
+                    return
+                path, state = found
+            else:
+                path = Path(c.resume)
+                if CheckpointManager.layout_of(path) != "sharded":
+                    raise CheckpointError(f"{path} was written by a whole-model (run.parallel=ddp) run")
+                state = self.ckpt.load_sharded(path, loaded, check=check)
+        except CheckpointError as e:
+            raise SystemExit(f"checkpoint.resume: {e}; resume it with the run.parallel it was written with, "
+                             f"or start from its weights: checkpoint.init_weights=<step dir> "
+                             f"checkpoint.resume=none") from e
+        self.model.load_state_dict(loaded["model"])
+        # The optimizer's state is keyed by parameter name: the layout of its groups may differ.
+        set_optimizer_state_dict(self.model, self.optimizer, loaded["optim"])
+        self._load_train_state(path, state)
+
     def _load_full(self, path: Path, tensors: dict, state: dict) -> None:
         self._check_compatible(path, state["config"])
+        if "optimizer" not in state:
+            raise SystemExit(f"checkpoint.resume: {path} was written by a sharded (run.parallel=fsdp) run or "
+                             f"consolidated from one: resume it with run.parallel=fsdp, or start from its weights: "
+                             f"checkpoint.init_weights={path} checkpoint.resume=none")
         self.model.load_state_dict(tensors)
         self.optimizer.load_state_dict(state["optimizer"])
+        self._load_train_state(path, state)
+
+    def _load_train_state(self, path: Path, state: dict) -> None:
+        """Step, counters, data position and RNG from a checkpoint's train state."""
         self.step = int(state["step"])
         self.counters = Counters(**state["counters"])
         rank = self.info.rank
@@ -219,7 +279,12 @@ class Trainer:
             twins = {"key." + k.removeprefix("query."): v for k, v in loaded.items() if k.startswith("query.")}
             loaded.update({k: v for k, v in twins.items() if k in own})
         missing = [k for k in own if k.startswith(("query.", "key.")) and k not in loaded]
-        self.model.load_state_dict({**own, **loaded})
+        if self.sharded:  # whole tensors in, each rank keeps its shards of them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, loaded, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            self.model.load_state_dict({**own, **loaded})
         if self.info.is_main:
             log.info("loaded weights from %s (%d tensors; %d not in it, kept fresh)", path, len(loaded), len(missing))
 
@@ -349,10 +414,13 @@ class Trainer:
         timeout) and every rank computes the same numbers as one process would: no rank idles
         at a barrier while rank 0 evaluates. One process: no collective."""
         metrics: dict[str, float] = {}
-        if self.cfg.data.val:
-            metrics.update(self.evaluate_retrieval())
-        if self.zeroshot is not None:
-            metrics.update(self.evaluate_zeroshot())
+        # Sharded towers are gathered once for the whole evaluation: ranks embed different
+        # numbers of batches, which per-forward all-gathers could not match up.
+        with gathered(self.model.query):
+            if self.cfg.data.val:
+                metrics.update(self.evaluate_retrieval())
+            if self.zeroshot is not None:
+                metrics.update(self.evaluate_zeroshot())
         self.last_eval = metrics
         return metrics
 
