@@ -1,4 +1,4 @@
-"""Shared data-test fixtures: a tokenizer built locally (no download)."""
+"""Shared fixtures: a tokenizer built locally (no download); the tests' demo dataset."""
 
 from __future__ import annotations
 
@@ -25,3 +25,12 @@ def tokenizer(tmp_path_factory):
     captions = [f"{w[i % 2]} {w[2 + i % 10]} {w[2 + (i // 10) % 10]}" for i in range(200)]
     path = train_tokenizer(captions, tmp_path_factory.mktemp("tokenizer"), vocab_size=128)
     return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`tests.trainrun.build_demo`'s dataset (512 train / 64 held-out 32 px pairs and its
+    tokenizer), built once per session: the tests only read it."""
+    from tests.trainrun import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo"))

@@ -11,7 +11,7 @@ import torch
 from moco_mm import distributed as D
 from moco_mm.config import load_config
 from moco_mm.train import Trainer
-from tests.trainrun import build_demo, tiny_train_config, write_config
+from tests.trainrun import tiny_train_config, write_config
 
 
 def _trainer(demo, tmp_path, **optim) -> Trainer:
@@ -28,8 +28,7 @@ def _trainer(demo, tmp_path, **optim) -> Trainer:
     return Trainer(load_config(write_config(cfg, tmp_path / "c.yaml")), D.init_distributed("cpu"))
 
 
-def test_accumulation_semantics(tmp_path):
-    demo = build_demo(tmp_path / "demo")
+def test_accumulation_semantics(tmp_path, demo):
     acc = _trainer(demo, tmp_path / "a", accum_steps=2)
     q0 = {n: p.detach().clone() for n, p in acc.model.query.named_parameters()}
     k0 = {n: p.detach().clone() for n, p in acc.model.key.named_parameters()}

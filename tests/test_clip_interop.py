@@ -29,7 +29,7 @@ from moco_mm.search.clip_export import (
 )
 from moco_mm.search.export import ExportError, export_encoders
 from tests.clip_sources import IMAGE, OPEN_CLIP_CFG, make_hf_clip_dir, make_open_clip_dir
-from tests.trainrun import ROOT, build_demo, tiny_train_config, write_config
+from tests.trainrun import ROOT, tiny_train_config, write_config
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -224,12 +224,11 @@ def test_conversion_table_round_trips_and_refuses_what_it_cannot_hold():
 
 
 @pytest.fixture(scope="module")
-def clip_runs(tmp_path_factory, sources):
+def clip_runs(tmp_path_factory, sources, demo):
     """Two short real runs, started together: from the OpenCLIP directory (text tower
     checkpointed, image tower training only its last block) and from the Hugging Face one
     (gradient accumulation)."""
     root = tmp_path_factory.mktemp("clip_runs")
-    demo = build_demo(root / "demo")
     runs, procs = {}, []
     for name, src, over in (("open_clip", sources[0], {"image": {"trainable_blocks": 1},
                                                          "text": {"max_length": 16, "grad_checkpointing": True}}),

@@ -7,12 +7,11 @@ import json
 
 from moco_mm.bench.compare import ALL, main
 from moco_mm.model.losses import OBJECTIVES
-from tests.trainrun import build_demo, tiny_train_config, write_config
+from tests.trainrun import tiny_train_config, write_config
 
 
-def test_compare_objectives_trains_each_variant_and_reports(tmp_path, capsys):
+def test_compare_objectives_trains_each_variant_and_reports(tmp_path, capsys, demo):
     assert set(OBJECTIVES) <= set(ALL) and {"queue-off", "distill", "no-dedup", "clip"} <= set(ALL)
-    demo = build_demo(tmp_path / "demo")
     config = write_config(tiny_train_config(demo, tmp_path / "unused", data={"workers": 0}), tmp_path / "c.yaml")
     args = ["--config", str(config), "--steps", "4", "--batch-size", "8", "--variants", "infonce,clip",
             "--out", str(tmp_path / "cmp"), "--json", str(tmp_path / "t.json")]

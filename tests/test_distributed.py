@@ -15,7 +15,7 @@ from moco_mm import distributed as D
 from moco_mm.config import QueueConfig
 from moco_mm.model import LOSSES, DualQueueMoCo
 from tests.tiny import tiny_batch, tiny_model_config
-from tests.trainrun import ROOT, build_demo, free_port, run, tiny_train_config, write_config
+from tests.trainrun import ROOT, free_port, run, tiny_train_config, write_config
 
 
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> None:
@@ -121,11 +121,10 @@ def test_every_loss_trains_under_ddp_with_a_learnable_temperature(tmp_path):
         assert len(losses) == 2 and all(math.isfinite(x) for x in losses), f"{loss}: {losses}"
 
 
-def test_ranks_draw_their_own_dropout_masks_with_identical_weights(tmp_path):
+def test_ranks_draw_their_own_dropout_masks_with_identical_weights(tmp_path, demo):
     """The trainer seeds construction identically on every rank and each rank's
     generators differently afterwards: same input, train mode (dropout 0.1, drop-path)
     -> different outputs per rank; weights and key towers identical."""
-    demo = build_demo(tmp_path / "demo")
     cfg = tiny_train_config(demo, tmp_path / "run", data={"batch_size": 4, "workers": 0})
     cfg["model"]["image"]["kwargs"]["drop_path_rate"] = 0.2
     cfg["model"]["text"]["overrides"].update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)

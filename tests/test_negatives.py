@@ -163,14 +163,13 @@ def test_loss_params_override_the_published_defaults():
     assert objective_params(cfg)["margin"] == 0.5
 
 
-def test_the_trainer_ramps_distillation_over_the_first_epoch(tmp_path):
+def test_the_trainer_ramps_distillation_over_the_first_epoch(tmp_path, demo):
     """ALBEF's warm-up: alpha * min(1, step / steps per epoch); a fixed ramp when given."""
     from moco_mm import distributed as D
     from moco_mm.config import load_config
     from moco_mm.train import Trainer
-    from tests.trainrun import build_demo, tiny_train_config, write_config
+    from tests.trainrun import tiny_train_config, write_config
 
-    demo = build_demo(tmp_path / "demo")
     cfg = tiny_train_config(demo, tmp_path / "run", data={"batch_size": 8, "workers": 0},
                             model={"distill_alpha": 0.4})
     t = Trainer(load_config(write_config(cfg, tmp_path / "c.yaml")), D.init_distributed("cpu"))

@@ -12,12 +12,7 @@ import torch
 from moco_mm import distributed as D
 from moco_mm.config import load_config
 from moco_mm.train import Trainer
-from tests.trainrun import build_demo, tiny_train_config, write_config
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo") / "demo")
+from tests.trainrun import tiny_train_config, write_config
 
 
 def _trainer(demo, tmp_path, image: dict) -> Trainer:

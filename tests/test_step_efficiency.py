@@ -16,7 +16,7 @@ from moco_mm.config import QueueConfig, load_config
 from moco_mm.model import DualQueueMoCo
 from moco_mm.train import Trainer
 from tests.tiny import tiny_batch, tiny_model_config
-from tests.trainrun import ROOT, build_demo, free_port, run, tiny_train_config, write_config
+from tests.trainrun import ROOT, free_port, run, tiny_train_config, write_config
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
 
@@ -34,10 +34,6 @@ class CountHostReads(TorchDispatchMode):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo") / "demo")
 
 
 def _trainer(demo, tmp_path, clip: bool, accum: int) -> Trainer:

@@ -19,7 +19,6 @@ from moco_mm.config import ConfigError, load_config
 from moco_mm.train.checkpoint import CheckpointManager
 from tests.trainrun import (
     ROOT,
-    build_demo,
     env,
     free_port,
     run,
@@ -32,10 +31,6 @@ from tests.trainrun import (
 FIELDS = {"step", "loss", "loss_i2t", "loss_t2i", "lr", "temperature", "samples_per_s", "queue_fill",
           "pos_sim", "neg_sim", "grad_norm", "skipped_samples", "data_wait_frac"}
 
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return build_demo(tmp_path_factory.mktemp("demo"))
 
 
 def final_weights(run_dir: Path, step: int) -> bytes:
