@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from moco_mm import distributed as D
 from moco_mm.config import ConfigError, load_config
+from moco_mm.model import tower_blocks
 from moco_mm.train import Trainer
 from moco_mm.train.checkpoint import CheckpointManager, consolidate
-from moco_mm.train.parallel import tower_blocks
 from tests.tiny import VOCAB, tiny_bn_model_config, tiny_model_config
 from tests.trainrun import (
     ROOT,

@@ -24,11 +24,13 @@ from moco_mm.model.towers import (
     hf_text_tower,
     load_tokenizer,
     timm_image_tower,
+    tower_blocks,
 )
 
 __all__ = [
     "DualQueueMoCo", "QueryTowers", "KeyTowers", "StepOutput", "momentum_at", "negative_bank",
     "LOSSES", "queue_infonce", "vse_max", "vse_sum", "FeatureQueue",
     "ImageTower", "TextTower", "Projection", "build_towers", "has_batchnorm", "load_tokenizer",
-    "timm_image_tower", "hf_text_tower", "ClipSource", "clip_towers", "open_clip_tokenizer", "resolve_init",
+    "timm_image_tower", "hf_text_tower",
+    "tower_blocks", "ClipSource", "clip_towers", "open_clip_tokenizer", "resolve_init",
 ]

@@ -47,6 +47,29 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def tower_blocks(tower: nn.Module) -> list[nn.Module]:
+    """A tower's repeated blocks, in forward order: the children of each outermost
+    nn.ModuleList / nn.Sequential whose (2 or more) children are all of one class and all
+    hold parameters (timm ViT `blocks`, BERT `encoder.layer`, OpenCLIP `resblocks`, a
+    ResNet stage's bottlenecks). Nothing inside a block is searched. `run.parallel: fsdp`
+    shards each one as its own unit and the memory planner costs them so (the same rule
+    for both); empty for a tower without such a list (resnet10t: one block per stage)."""
+    blocks: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        children = list(module.children())
+        if (isinstance(module, (nn.ModuleList, nn.Sequential)) and len(children) >= 2
+                and len({type(c) for c in children}) == 1
+                and all(any(True for _ in c.parameters()) for c in children)):
+            blocks.extend(children)
+            return
+        for child in children:
+            visit(child)
+
+    visit(tower)
+    return blocks
+
+
 def keep_bn_stats_in_recompute(module: nn.Module) -> None:
     """Make BatchNorm layers of a checkpointed tower update their running statistics once.
 

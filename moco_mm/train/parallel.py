@@ -4,8 +4,8 @@ ddp (`ddp_query`): the query towers, whole on every rank, in DDP (gradients all-
 buckets). Key towers and queues sit beside it, whole on every rank, never broadcast: every
 rank computes the same EMA from the same query weights (model/dual_queue.py).
 
-fsdp (`shard_towers`): FSDP2 `fully_shard` on each block of each of the four towers and
-then on each tower (its root unit: embeddings, final norm, projection head). Per rank:
+fsdp (`shard_towers`): FSDP2 `fully_shard` on each block (`model.tower_blocks`) of each of
+the four towers and then on each tower (its root unit: embeddings, final norm, projection head). Per rank:
 
     query towers   fp32 master weights / W, fp32 gradients / W, AdamW states / W
     key towers     fp32 weights / W, sharded exactly like their query twins
@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moco_mm import distributed as D
-from moco_mm.model import DualQueueMoCo, has_batchnorm
+from moco_mm.model import DualQueueMoCo, has_batchnorm, tower_blocks
 
 log = logging.getLogger("moco_mm.train")
 
@@ -52,27 +52,6 @@ def ddp_query(model: DualQueueMoCo, bucket_mb: int, static_graph: bool, device: 
     return DDP(model.query, device_ids=[local_rank] if device.type == "cuda" else None,
                gradient_as_bucket_view=True, **D.ddp_buffer_sync(has_batchnorm(model.query)),
                bucket_cap_mb=bucket_mb, static_graph=static_graph)
-
-
-def tower_blocks(tower: nn.Module) -> list[nn.Module]:
-    """The blocks FSDP shards one by one: the children of each outermost nn.ModuleList /
-    nn.Sequential whose (2 or more) children are all of one class and all hold parameters
-    (timm ViT `blocks`, BERT `encoder.layer`, OpenCLIP `resblocks`, a ResNet stage's
-    bottlenecks). Nothing inside a block is searched; forward order."""
-    blocks: list[nn.Module] = []
-
-    def visit(module: nn.Module) -> None:
-        children = list(module.children())
-        if (isinstance(module, (nn.ModuleList, nn.Sequential)) and len(children) >= 2
-                and len({type(c) for c in children}) == 1
-                and all(any(True for _ in c.parameters()) for c in children)):
-            blocks.extend(children)
-            return
-        for child in children:
-            visit(child)
-
-    visit(tower)
-    return blocks
 
 
 def _fully_shard(module: nn.Module, reshard_after_forward: bool, mp_policy) -> None:
