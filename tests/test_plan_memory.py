@@ -54,8 +54,9 @@ def test_parts_add_up_to_the_peak():
     assert p.margin_bytes == memory.Margin().bytes(p.peak_bytes) >= GIB
     assert p.fits == (p.required_bytes <= p.capacity_bytes)
     d = p.to_dict()
-    for key in ("peak_bytes", "capacity_bytes", "parts", "max_batch_per_gpu", "max_queue_size"):
+    for key in ("peak_bytes", "capacity_bytes", "parts", "max_batch_per_gpu", "max_queue_size", "state_bytes"):
         assert key in d
+    assert d["parallel"] == "ddp"
     json.dumps(d)
 
 
@@ -74,7 +75,9 @@ def test_doubling_the_batch_grows_only_activations_logits_and_gathered_keys():
     grown = {k for k in small.phases["backward"] if large.phases["backward"][k] != small.phases["backward"][k]}
     assert {"activations.image", "activations.text", "logits", "gathered.keys"} <= grown
     # Saved activations are linear in the batch (plus batch-independent autocast copies).
-    act = lambda p: p.phases["backward"]["activations.image"] + p.phases["backward"]["activations.text"]
+    def act(p):
+        return p.phases["backward"]["activations.image"] + p.phases["backward"]["activations.text"]
+
     assert act(tiny_plan(batch=32)) - act(large) == pytest.approx(2 * (act(large) - act(small)), abs=4)
 
 
@@ -102,9 +105,12 @@ def test_max_batch_and_queue_are_the_largest_that_fit():
     gpu = memory.GpuSpec("small", 2 * GIB, "a 2 GiB test device")
     p = memory.plan(cfg, gpu, 1, vocab_size=VOCAB)
     assert p.max_batch_per_gpu > cfg.data.batch_size and p.max_queue_size > cfg.queue.size
-    at = lambda b, k: memory.plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=b),
-                                                      queue=dataclasses.replace(cfg.queue, size=k)),
-                                  gpu, 1, vocab_size=VOCAB)
+
+    def at(b, k):
+        return memory.plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=b),
+                                               queue=dataclasses.replace(cfg.queue, size=k)),
+                           gpu, 1, vocab_size=VOCAB)
+
     assert at(p.max_batch_per_gpu, cfg.queue.size).fits and not at(p.max_batch_per_gpu + 1, cfg.queue.size).fits
     assert at(cfg.data.batch_size, p.max_queue_size).fits
     assert not at(cfg.data.batch_size, p.max_queue_size + max(1, p.max_queue_size // 500)).fits
@@ -173,6 +179,13 @@ def test_depth_extrapolation_equals_a_full_trace(kind, ckpt):
         full, _ = trace._profile_fake_tower(tower, inputs, torch.bfloat16, depth_extrapolation=False)
     assert "3 blocks" in method
     assert short == full
+    # Autocast's copies of the weights: every Linear/Conv weight and bias cast to bf16 once,
+    # and kept (cached) to the end of the forward; of them, checkpointed blocks save none.
+    cast = sum(2 * p.numel() for m in tower.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+               for p in m.parameters(recurse=False))
+    assert full["autocast_live"] == memory.Linear(cast, 0)
+    assert full["autocast_saved"].per_sample == 0 and full["autocast_saved"].fixed <= full["saved"].fixed
+    assert (full["autocast_saved"].fixed < cast / 4) is ckpt
 
 
 def test_checkpointing_keeps_less_and_recomputes_more():
@@ -337,3 +350,145 @@ def test_shuffle_bn_and_ddp_buckets_do_not_grow_with_the_world(cached_towers):
     for part in ("gathered.shuffle", "ddp.buckets"):
         assert plans[8].phases["forward"][part] == plans[256].phases["forward"][part], part
     assert plans[256].phases["backward"]["ddp.buckets"] == 0
+
+
+# --- run.parallel: fsdp ---------------------------------------------------------------
+
+VITG = ROOT / "configs" / "a100-40gb-vitg14-bertlarge-fsdp.yaml"
+SHARDED = ("params.sharded", "grads.sharded", "optimizer.adamw.sharded", "optimizer.step_temp.sharded")
+
+
+def _with_parallel(cfg: Config, parallel: str) -> Config:
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, parallel=parallel))
+
+
+def test_fsdp_shards_the_state_gathers_units_and_makes_no_autocast_copies(cached_towers):
+    """ViT-g/14 + BERT-large in bf16 at W = 8: the DDP state's shardable bytes / W, whole
+    buffers, the largest block gathered twice, both query roots gathered, and activations
+    less the traced autocast weight copies (FSDP gathers bf16 weights: autocast copies none)."""
+    cfg = load_config(VITG)
+    profile = memory.profile_model(cfg)
+    img, txt = profile.image, profile.text
+    b, k = cfg.data.batch_size, cfg.queue.size
+    ddp = memory.estimate_phases(_with_parallel(cfg, "ddp"), profile, 8, b, k)
+    fsdp = memory.estimate_phases(cfg, profile, 8, b, k)
+    for phase in fsdp.values():
+        assert not {"params.query", "params.key", "grads", "ddp.buckets"} & phase.keys()
+    d, f = ddp["optimizer"], fsdp["optimizer"]
+    # BERT's buffers (position and token type ids) in the query and the key tower, T once.
+    assert f["params.replicated"] == 2 * (img.buffer_bytes + txt.buffer_bytes) + 4 > 4
+    whole = d["params.query"] + d["params.key"] - f["params.replicated"]
+    assert f["params.sharded"] == pytest.approx(whole / 8, abs=1)
+    assert f["grads.sharded"] == pytest.approx((d["grads"] - 4) / 8 + 4, abs=1)  # the learnt T stays whole
+    assert f["optimizer.adamw.sharded"] == 2 * f["grads.sharded"] == f["optimizer.step_temp.sharded"] * 2
+    assert f.keys() & {"fsdp.unsharded_roots", "fsdp.gathered_blocks"} == set()  # resharded after backward
+    block = max(img.largest_block_params, txt.largest_block_params)
+    roots = img.root_params + txt.root_params
+    assert fsdp["forward"]["fsdp.gathered_blocks"] == 2 * 2 * block
+    assert fsdp["forward"]["fsdp.unsharded_roots"] == fsdp["backward"]["fsdp.unsharded_roots"] == 2 * roots
+    assert fsdp["forward"]["fsdp.key_root"] == 2 * max(img.root_params, txt.root_params)
+    assert fsdp["backward"]["fsdp.unsharded_grads"] >= (2 + 4) * block
+    for kind, tower in (("image", img), ("text", txt)):
+        assert tower.autocast_live.fixed > 0
+        assert fsdp["forward"][f"activations.{kind}"] == ddp["forward"][f"activations.{kind}"] - \
+            tower.autocast_live.at(b)
+        assert fsdp["backward"][f"activations.{kind}"] == ddp["backward"][f"activations.{kind}"] - \
+            tower.autocast_saved.at(b)
+    # The units: ViT-g's 40 and BERT-large's 24 identical layers, a root over the rest.
+    assert (img.n_blocks, txt.n_blocks) == (40, 24)
+    for tower in (img, txt):
+        assert tower.root_params + tower.n_blocks * tower.largest_block_params == tower.n_params
+
+
+def test_a_tower_without_a_block_list_is_planned_as_one_fsdp_unit():
+    """resnet10t has one block a stage, no list of blocks (`model.tower_blocks`, the rule the
+    trainer shards by): the trainer makes the tower one FSDP unit, and the plan gathers
+    all of it, its root being every parameter, while the ViT/BERT towers have 2 blocks."""
+    from tests.tiny import tiny_bn_model_config
+
+    cfg = tiny_config()
+    cfg.model = tiny_bn_model_config()
+    plan = memory.plan(_with_parallel(cfg, "fsdp"), "a100-40gb", 2, vocab_size=VOCAB)
+    profile = memory.profile_model(cfg, VOCAB)
+    assert (profile.image.n_blocks, profile.text.n_blocks) == (0, 2)
+    assert profile.image.root_params == profile.image.n_params
+    assert any("image tower has no list of blocks: one FSDP unit" in n for n in plan.notes)
+
+
+def test_fsdp_state_shrinks_as_one_over_the_world(cached_towers):
+    """ViT-g/14 + BERT-large: every sharded part at W = 8 is a quarter of W = 2's (to the
+    rounding of a shard), and W changes nothing else that is not per global batch."""
+    cfg = load_config(VITG)
+    profile = memory.profile_model(cfg)
+    b, k = cfg.data.batch_size, cfg.queue.size
+    at = {w: memory.estimate_phases(cfg, profile, w, b, k) for w in (2, 8)}
+    grows_with_w = {"gathered.keys", "negatives", "logits", "logit_grads", "loss.forward"}
+    for phase in at[8]:
+        two, eight = at[2][phase], at[8][phase]
+        assert two.keys() == eight.keys()
+        for part in two:
+            if part in SHARDED:
+                assert eight[part] == pytest.approx(two[part] / 4, abs=8), (phase, part)
+            elif part not in grows_with_w:
+                assert eight[part] == two[part], (phase, part)
+
+    def state(w):
+        return sum(at[w]["optimizer"][p] for p in SHARDED)
+
+    assert state(8) == pytest.approx(state(2) / 4, abs=32)
+
+
+@pytest.fixture(scope="module")
+def vitg_plans(cached_towers):
+    cfg = load_config(VITG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {par: memory.plan(_with_parallel(cfg, par), "a100-40gb", world_size=8) for par in ("ddp", "fsdp")}
+
+
+def _comment(path: Path) -> str:
+    """The config's header comment as one line."""
+    lines = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    return " ".join(lines)
+
+
+def test_vitg14_bertlarge_needs_fsdp_on_40gb(vitg_plans):
+    """Under DDP every 40 GB A100 holds 30.10 GiB of state (query weights, their momentum
+    copy, gradients, AdamW states, the step's temporaries; the buckets are the gradients):
+    at most 122 pairs fit, not the config's 192. Sharded over 8 GPUs the state is 3.76 GiB
+    and the largest batch more than triples. The config's comment states these figures."""
+    ddp, fsdp = vitg_plans["ddp"], vitg_plans["fsdp"]
+    cfg = load_config(VITG)
+    assert ddp.parallel == "ddp" and fsdp.parallel == "fsdp"
+    assert ddp.state_bytes / GIB == pytest.approx(30.10, abs=0.005)
+    assert not ddp.fits and 0 < ddp.max_batch_per_gpu < cfg.data.batch_size
+    assert fsdp.fits and fsdp.max_batch_per_gpu >= 3 * ddp.max_batch_per_gpu
+    assert fsdp.state_bytes / GIB == pytest.approx(3.76, abs=0.005)
+    assert fsdp.peak_bytes == sum(fsdp.parts.values())
+    m = re.search(r"([\d.]+) GiB of state before any activation, so at most (\d+) pairs/GPU fit and this batch "
+                  r"does not \(([\d.]+) of ([\d.]+) GiB with --parallel ddp\)\. .* that state is ([\d.]+) GiB",
+                  _comment(VITG))
+    assert m, "the config's comment on DDP vs FSDP"
+    assert float(m[1]) == pytest.approx(ddp.state_bytes / GIB, abs=0.006)
+    assert int(m[2]) == ddp.max_batch_per_gpu
+    assert float(m[3]) == pytest.approx(ddp.required_bytes / GIB, abs=0.006)
+    assert float(m[5]) == pytest.approx(fsdp.state_bytes / GIB, abs=0.006)
+
+
+def test_cli_parallel_overrides_the_config(vitg_plans, tmp_path, capsys):
+    from moco_mm.cli import main  # what tools/plan_memory.py calls
+
+    out = tmp_path / "plan.json"
+    args = ["plan-memory", "--config", str(VITG), "--gpu", "a100-40gb", "--json", str(out)]
+    assert main([*args, "--parallel", "ddp"]) == 1
+    assert json.loads(out.read_text())["parallel"] == "ddp"
+    assert main([*args, "run.parallel=ddp", "--parallel", "fsdp"]) == 0  # the flag wins
+    printed = capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    assert plan["parallel"] == "fsdp" and plan["max_batch_per_gpu"] == vitg_plans["fsdp"].max_batch_per_gpu
+    assert f"largest per-GPU batch that fits (queue 65536): {plan['max_batch_per_gpu']}" in printed
+    for part in ("params.sharded", "fsdp.gathered_blocks", "fsdp.unsharded_roots", "world size 8, fsdp"):
+        assert part in printed
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--parallel", "zero"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -28,7 +28,7 @@ def shipped_configs() -> list[Path]:
 
 def trace_shipped() -> dict[str, dict]:
     """{key: {"used_by": ["CONFIG:kind", ...], "profile": TowerProfile.to_dict()}} for every
-    distinct tower of the shipped configs, traced now (about 20 s on 2 cores)."""
+    distinct tower of the shipped configs, traced now (about 30 s on 2 cores)."""
     from moco_mm import plan as memory
     from moco_mm.config import load_config
     from moco_mm.plan import profiles

@@ -14,12 +14,13 @@ from moco_mm.config import ConfigError, load_config
 USAGE = """Will this config fit the GPU? Peak memory per GPU of one training step, before any run.
 
     moco-mm plan-memory --config configs/a100-40gb-vitb16-bertbase.yaml --gpu a100-40gb \
-        [--world-size 8] [--json plan.json] [--vocab-size N] [--full-trace] [a.b.c=value ...]
+        [--world-size 8] [--parallel ddp|fsdp] [--json plan.json] [--vocab-size N] [--full-trace] [a.b.c=value ...]
 
 Prints each part of the peak (weights, gradients, AdamW, DDP buckets, queues, traced
-activations, logits, gathered keys), the margin, the verdict, the largest per-GPU batch
-and the largest queue that fit. Exit status 0 when the config fits, 1 when it does not,
-2 on a bad config. Nothing is downloaded and no GPU is needed: the towers are traced
+activations, logits, gathered keys; under --parallel fsdp the sharded state and the
+all-gathered blocks and roots instead of whole weights), the margin, the verdict, the
+largest per-GPU batch and the largest queue that fit. Exit status 0 when the config
+fits, 1 when it does not, 2 on a bad config. Nothing is downloaded and no GPU is needed: the towers are traced
 with fake tensors (see `moco_mm.plan`)."""
 
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", required=True, choices=sorted(plan.GPUS), help="the GPU to plan for")
     ap.add_argument("--world-size", type=int, default=8,
                     help="ranks in the run (default 8, one node): the global batch and so the logits depend on it")
+    ap.add_argument("--parallel", choices=("ddp", "fsdp"), default=None,
+                    help="cost the step as run.parallel ddp (whole state on every GPU) or fsdp (state sharded "
+                         "over the ranks); default: the config's run.parallel")
     ap.add_argument("--json", metavar="OUT", help="also write the plan as JSON here")
     ap.add_argument("--vocab-size", type=int, default=None,
                     help="text vocabulary (default: the tokenizer's if found, else the model type's default)")
@@ -40,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.world_size < 1:
         ap.error(f"--world-size must be >= 1, got {args.world_size}")
     try:
-        cfg = load_config(args.config, args.overrides, world_size=args.world_size)
+        # --parallel goes last, so it wins over a run.parallel=... among the overrides.
+        parallel = [f"run.parallel={args.parallel}"] if args.parallel else []
+        cfg = load_config(args.config, [*args.overrides, *parallel], world_size=args.world_size)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

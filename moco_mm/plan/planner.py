@@ -33,6 +33,25 @@ D = model.embed_dim, N = K + W*B negatives per query with in-batch negatives on)
   fingerprints — as float32 pairs; held until the enqueue, per micro-batch) and, for
   BatchNorm towers with W > 1, Shuffle-BN's exchanged rows (about B of them whatever W).
 
+Under `run.parallel: fsdp` (moco_mm/train/parallel.py: FSDP2 `fully_shard` on each block
+of the four towers, then on each tower, its root unit) the state is per rank instead:
+
+- the fp32 weights of the query AND key towers, the gradients of the trainable query
+  weights and AdamW's two states, each sharded: 1/W (buffers and the 0-d temperature stay
+  whole); no DDP buckets;
+- unsharded transients, gathered in the autocast dtype (bf16): the largest block twice
+  (the running one and the prefetched next) in forward and backward; in backward also a
+  unit's unsharded gradient (autograd's, bf16) with its fp32 reduce-scatter input, for the
+  largest block, or at the end for both query roots (whichever is more); both query
+  towers' roots (embeddings, final norm, head), which stay gathered from forward through
+  backward; the running key tower's root during the key forward (key towers reshard
+  right after their no-grad forward). Gradients are reduce-scattered every micro-batch;
+- activations as traced, less autocast's bf16 weight copies, which the trace measures
+  (every storage a dtype cast of a parameter makes): the weights are bf16 already, so
+  autocast copies none, and what a block saves of its weights is its gathered copy,
+  freed when it reshards. The backward's traced transient keeps a checkpointed block's
+  recomputed weight copies (conservative: FSDP's gathered block replaces them).
+
 Three phases are costed and the largest is the peak: `forward` (end of the query
 forward + the key towers' no-grad forward + the loss; gradients are None), `backward`
 (saved activations + every gradient + the largest backward transient + the logits and
@@ -64,7 +83,7 @@ from moco_mm.model.dual_queue import N_FINGERPRINTS
 from moco_mm.model.losses import learns_temperature, objective_params
 from moco_mm.plan.loss import LossFootprint, loss_footprint, loss_model
 from moco_mm.plan.profiles import ModelProfile, default_vocab_size, profile_model
-from moco_mm.plan.trace import _F32, _I64, _QUEUE_BYTES, GIB
+from moco_mm.plan.trace import _F32, _I64, _QUEUE_BYTES, GIB, Linear
 
 META_COLUMNS = 1 + N_FINGERPRINTS  # sample id + fingerprints, int64, per key row
 
@@ -119,8 +138,8 @@ PART_NOTES = {
     "queues.features": "2 queues x K x D in queue.dtype",
     "queues.ids": "2 queues x K x (sample id + 3 fingerprints) int64",
     "inputs": "the batch on the GPU (images fp32, token ids, masks)",
-    "activations.image": "image query tower: kept for backward (+ autocast weight cache in forward)",
-    "activations.text": "text query tower: kept for backward (+ autocast weight cache in forward)",
+    "activations.image": "image query tower: kept for backward (ddp: + autocast weight cache in forward)",
+    "activations.text": "text query tower: kept for backward (ddp: + autocast weight cache in forward)",
     "backward.transient": "largest backward transient (recompute, activation grads)",
     "key_forward.transient": "key towers' no-grad forward peak",
     "negatives": "negatives bank kept by q @ bank^T, 2 directions",
@@ -129,7 +148,20 @@ PART_NOTES = {
     "loss.forward": "loss forward peak incl. banks, 2 directions",
     "gathered.keys": "all-gathered keys + ids (x accum_steps) + local keys",
     "gathered.shuffle": "Shuffle-BN exchanged inputs and keys (BN towers, W > 1; ~constant in W)",
+    # run.parallel: fsdp
+    "params.sharded": "sharded weights (query+key)/W: fp32 masters of all four towers",
+    "params.replicated": "buffers + 0-d scalars (temperature): not sharded, whole on every rank",
+    "grads.sharded": "fp32 gradient shards of the trainable query weights (/W)",
+    "optimizer.adamw.sharded": "AdamW exp_avg + exp_avg_sq of the shards (fp32, /W)",
+    "optimizer.step_temp.sharded": "foreach AdamW temporaries (one fp32 copy of the gradient shards)",
+    "fsdp.unsharded_roots": "unsharded roots: both query towers' roots (embeddings, norm, head), forward to backward",
+    "fsdp.key_root": "the running key tower's root, gathered for its no-grad forward only",
+    "fsdp.gathered_blocks": "all-gathered blocks: the largest block x 2 (running + prefetched), gather dtype",
+    "fsdp.unsharded_grads": "a unit's unsharded gradient (param dtype) + its fp32 reduce-scatter input",
 }
+
+# Parts that are weights, gradients, optimizer states or gradient buckets: the step's state.
+STATE_PREFIXES = ("params.", "grads", "optimizer.", "ddp.")
 
 
 @dataclass
@@ -146,6 +178,7 @@ class MemoryPlan:
     gpu: str
     capacity_bytes: int
     world_size: int
+    parallel: str  # run.parallel: "ddp" | "fsdp"
     batch_per_gpu: int
     queue_size: int
     embed_dim: int
@@ -163,15 +196,23 @@ class MemoryPlan:
     max_queue_size: int
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def state_bytes(self) -> int:
+        """Weights, gradients, optimizer states and buckets at the optimizer step, where all
+        of them are held (temporaries included): what the step costs before any activation."""
+        return sum(n for k, n in self.phases["optimizer"].items() if k.startswith(STATE_PREFIXES))
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["phase_totals"] = {k: sum(v.values()) for k, v in self.phases.items()}
+        d["state_bytes"] = self.state_bytes
         return d
 
     def table(self) -> str:
         """Human-readable breakdown (GiB) of the peak phase and the verdict."""
         w = max(len(k) for k in self.parts)
         lines = [f"memory plan: {self.gpu} ({self.capacity_bytes / GIB:.2f} GiB), world size {self.world_size}, "
+                 f"{self.parallel}, "
                  f"batch {self.batch_per_gpu}/GPU, queue {self.queue_size}, embed dim {self.embed_dim}, "
                  f"{self.precision}" + (f", accum {self.accum_steps}" if self.accum_steps > 1 else ""),
                  f"peak phase: {self.phase}", "",
@@ -186,6 +227,7 @@ class MemoryPlan:
             + ("FITS" if self.fits else "DOES NOT FIT"),
             "",
             "phase totals (GiB): " + ", ".join(f"{k} {sum(v.values()) / GIB:.3f}" for k, v in self.phases.items()),
+            f"state (weights, gradients, optimizer, buckets at the optimizer step): {self.state_bytes / GIB:.3f} GiB",
             f"largest per-GPU batch that fits (queue {self.queue_size}): {self.max_batch_per_gpu}",
             f"largest queue that fits (batch {self.batch_per_gpu}): {self.max_queue_size}",
         ]
@@ -193,9 +235,78 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def _ddp_state(profile: ModelProfile) -> dict[str, int]:
+    """Per rank under DDP, everything whole: fp32 weights of the query and key towers,
+    gradients and AdamW's two states of the trainable query weights. Keys in table order;
+    `grads` is the part the forward holds only under gradient accumulation."""
+    grads = profile.trainable_bytes
+    return {
+        "params.query": profile.param_bytes_query,
+        "params.key": profile.param_bytes_key,
+        "grads": grads,
+        "optimizer.adamw": 2 * grads,
+        # gradient_as_bucket_view=True: .grad tensors are views into DDP's buckets, so the
+        # buckets add nothing beyond the gradients already counted.
+        "ddp.buckets": 0,
+    }
+
+
+def _fsdp_state(profile: ModelProfile, world_size: int) -> dict[str, int]:
+    """Per rank under FSDP: the towers' parameters (query and key), the gradients of the
+    trainable ones and AdamW's states are sharded, 1/W each (rounded up; FSDP's per-tensor
+    padding to a multiple of W is not counted: < W elements a tensor). Buffers and the 0-d
+    scalars (temperature) stay whole on every rank. Same keys' roles as `_ddp_state`."""
+    w = world_size
+    towers = 2 if profile.param_bytes_key else 1  # query (+ key) copies of the two towers
+    tower_params = _F32 * (profile.image.n_params + profile.text.n_params)
+    tower_grads = profile.image.trainable_bytes + profile.text.trainable_bytes
+    scalar_grads = profile.trainable_bytes - tower_grads  # a learnt temperature: replicated
+    grads = -(-tower_grads // w) + scalar_grads
+    return {
+        "params.sharded": -(-towers * tower_params // w),
+        "params.replicated": profile.param_bytes_query + profile.param_bytes_key - towers * tower_params,
+        "grads.sharded": grads,
+        "optimizer.adamw.sharded": 2 * grads,
+    }
+
+
+def _fsdp_transients(profile: ModelProfile, momentum_encoder: bool) -> dict[str, dict[str, int]]:
+    """Unsharded FSDP parameters and gradients per phase (bytes), as the trainer shards
+    (moco_mm/train/parallel.py): each block its own unit, resharded after forward; each
+    tower a root unit over the rest; parameters gathered in the autocast dtype (bf16 on
+    CUDA; fp32 without autocast), gradients reduced in fp32 every micro-batch.
+
+    forward:  both query roots (kept gathered until backward) + the running key tower's
+              root (key towers reshard after their forward) + the largest block and the
+              prefetched next one;
+    backward: both query roots + the larger of (a) two gathered blocks and one block's
+              unsharded gradient (autograd's, in the gather dtype) with its fp32
+              reduce-scatter input, (b) at the end, both roots' unsharded gradients and
+              one root's fp32 reduce-scatter input (roots reduce last, one after another);
+    optimizer: nothing unsharded (roots reshard after backward).
+    """
+    img, txt = profile.image, profile.text
+    gather = 2 if profile.precision == "bf16" else _F32
+    block = max(img.largest_block_params, txt.largest_block_params)
+    roots = img.root_params + txt.root_params
+    blocks_time = {"fsdp.gathered_blocks": 2 * block * gather, "fsdp.unsharded_grads": block * (gather + _F32)}
+    roots_time = {"fsdp.gathered_blocks": 0,
+                  "fsdp.unsharded_grads": roots * gather + max(img.root_params, txt.root_params) * _F32}
+    backward_grads = max(blocks_time, roots_time, key=lambda t: sum(t.values()))
+    key_root = max(img.root_params, txt.root_params) * gather if momentum_encoder else 0
+    return {
+        "forward": {"fsdp.unsharded_roots": roots * gather, "fsdp.key_root": key_root,
+                    "fsdp.gathered_blocks": 2 * block * gather},
+        "backward": {"fsdp.unsharded_roots": roots * gather, **backward_grads},
+        "optimizer": {},
+    }
+
+
 def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: int,
                     queue_size: int, exact_loss: bool = True) -> dict[str, dict[str, int]]:
-    """Bytes per part in each phase of one optimizer step (see the module docstring).
+    """Bytes per part in each phase of one optimizer step (see the module docstring),
+    costed for `cfg.run.parallel` (ddp: whole state on every rank; fsdp: sharded state,
+    unsharded transients, no autocast weight copies).
 
     `exact_loss` traces the loss at these exact sizes; False evaluates `loss_model`.
     """
@@ -204,14 +315,12 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
     k = queue_size if cfg.queue.enabled else 0
     wb = w * b
     accum = cfg.optim.accum_steps
-    grads = profile.trainable_bytes
-    weights = {
-        "params.query": profile.param_bytes_query,
-        "params.key": profile.param_bytes_key,
-    }
-    # gradient_as_bucket_view=True: .grad tensors are views into DDP's buckets, so the
-    # buckets add nothing beyond the gradients already counted.
-    ddp = {"ddp.buckets": 0}
+    fsdp = cfg.run.parallel == "fsdp"
+    state = _fsdp_state(profile, w) if fsdp else _ddp_state(profile)
+    grads_key = "grads.sharded" if fsdp else "grads"
+    # Gradients are None during the forward (zero_grad(set_to_none=True)) except across
+    # the micro-batches of gradient accumulation.
+    forward_state = {**state, grads_key: state[grads_key] if accum > 1 else 0}
     queues = {
         "queues.features": 2 * k * d * _QUEUE_BYTES[cfg.queue.dtype],
         "queues.ids": 2 * k * META_COLUMNS * _I64,
@@ -246,21 +355,30 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
         lf = LossFootprint(**{name: f.at(b, k + g) for name, f in fit.items()})
     img, txt = profile.image, profile.text
 
+    def kept(traced: Linear, autocast_copies: Linear) -> int:
+        # Under FSDP the gathered weights are already bf16: autocast copies none, and the
+        # weights a block saves for backward are its gathered ones, freed when it reshards
+        # (the query roots' are counted as unsharded roots). The traced copies come out.
+        return max(0, traced.at(b) - autocast_copies.at(b)) if fsdp else traced.at(b)
+
+    fsdp_parts = _fsdp_transients(profile, m.momentum_encoder) if fsdp else dict.fromkeys(
+        ("forward", "backward", "optimizer"), {})
+
     forward = {
-        # Gradients are None during the forward (zero_grad(set_to_none=True)) except
-        # across the micro-batches of gradient accumulation.
-        **weights, "grads": grads if accum > 1 else 0, "optimizer.adamw": 2 * grads, **ddp, **queues, **inputs,
-        "activations.image": img.forward_live.at(b),
-        "activations.text": txt.forward_live.at(b),
+        **forward_state, **queues, **inputs,
+        "activations.image": kept(img.forward_live, img.autocast_live),
+        "activations.text": kept(txt.forward_live, txt.autocast_live),
+        **fsdp_parts["forward"],
         "key_forward.transient": 0 if clip else max(img.no_grad_peak.at(b), txt.no_grad_peak.at(b)),
         **gathered,
         "gathered.shuffle": shuffle,
         "loss.forward": 2 * lf.forward_peak,
     }
     backward = {
-        **weights, "grads": grads, "optimizer.adamw": 2 * grads, **ddp, **queues, **inputs,
-        "activations.image": img.saved.at(b),
-        "activations.text": txt.saved.at(b),
+        **state, **queues, **inputs,
+        "activations.image": kept(img.saved, img.autocast_saved),
+        "activations.text": kept(txt.saved, txt.autocast_saved),
+        **fsdp_parts["backward"],
         "backward.transient": max(img.backward_extra.at(b), txt.backward_extra.at(b)),
         "negatives": 2 * lf.negatives,
         "logits": 2 * lf.logits,
@@ -268,8 +386,9 @@ def estimate_phases(cfg: Config, profile: ModelProfile, world_size: int, batch: 
         **gathered,
     }
     optimizer = {
-        **weights, "grads": grads, "optimizer.adamw": 2 * grads, **ddp, **queues, **inputs,
-        "optimizer.step_temp": grads,
+        **state, **queues, **inputs,
+        ("optimizer.step_temp.sharded" if fsdp else "optimizer.step_temp"): state[grads_key],
+        **fsdp_parts["optimizer"],
         **gathered,
     }
     return {"forward": forward, "backward": backward, "optimizer": optimizer}
@@ -336,13 +455,22 @@ def resolve_gpu(gpu: str | GpuSpec) -> GpuSpec:
     return GPUS[gpu]
 
 
+def _fsdp_note(profile: ModelProfile) -> str:
+    """The FSDP units the plan costs, per tower (a tower with no block list: no blocks)."""
+    units = [f"{kind} tower {t.n_blocks} blocks (largest {t.largest_block_params / 1e6:.1f}M params) + root "
+             f"{t.root_params / 1e6:.1f}M" for kind, t in (("image", profile.image), ("text", profile.text))]
+    return ("run.parallel=fsdp: state sharded over the ranks; " + "; ".join(units)
+            + f"; gathered in {profile.precision}, gradients reduce-scattered in fp32")
+
+
 def plan(cfg: Config, gpu: str | GpuSpec, world_size: int = 8, *, vocab_size: int | None = None,
          margin: Margin = Margin(), depth_extrapolation: bool = True,
          profile: ModelProfile | None = None) -> MemoryPlan:
     """Plan one training step of `cfg` on `gpu` with `world_size` ranks.
 
     world_size defaults to 8 (one node): the logits and gathered keys grow with the global
-    batch (DDP's buckets are the gradients themselves; Shuffle-BN's exchange stays ~2B rows).
+    batch (DDP's buckets are the gradients themselves; Shuffle-BN's exchange stays ~2B rows);
+    under `run.parallel: fsdp` the weights, gradients and AdamW states shrink as 1/W.
     """
     spec = resolve_gpu(gpu)
     if world_size < 1:
@@ -364,6 +492,12 @@ def plan(cfg: Config, gpu: str | GpuSpec, world_size: int = 8, *, vocab_size: in
     if cfg.optim.accum_steps > 1:
         notes.append(f"optim.accum_steps={cfg.optim.accum_steps}: one micro-batch's activations at a time; "
                      "gradients persist across micro-batches and each one's gathered keys wait for the enqueue")
+    if cfg.run.parallel == "fsdp":
+        for kind, tower in (("image", profile.image), ("text", profile.text)):
+            if not tower.n_blocks:  # the trainer makes it one FSDP unit: its root is all of it
+                notes.append(f"run.parallel=fsdp: the {kind} tower has no list of blocks: one FSDP unit, "
+                             "gathered whole for its forward and backward")
+        notes.append(_fsdp_note(profile))
     b, k = cfg.data.batch_size, cfg.queue.size
     phases = estimate_phases(cfg, profile, world_size, b, k)
     phase = max(phases, key=lambda p: sum(phases[p].values()))
@@ -386,8 +520,12 @@ def plan(cfg: Config, gpu: str | GpuSpec, world_size: int = 8, *, vocab_size: in
         max_queue = 0
         notes.append("queue.enabled is false: no queue is held (max_queue_size 0)")
     notes += queue_warnings(cfg, world_size)
+    if max_batch == 0 and cfg.run.parallel == "ddp":
+        notes.append("no batch fits: DDP keeps every weight, gradient and AdamW state whole on each GPU "
+                     "(the state line above); run.parallel=fsdp (--parallel fsdp) shards them over the ranks")
     return MemoryPlan(
-        gpu=spec.name, capacity_bytes=spec.capacity_bytes, world_size=world_size, batch_per_gpu=b,
+        gpu=spec.name, capacity_bytes=spec.capacity_bytes, world_size=world_size, parallel=cfg.run.parallel,
+        batch_per_gpu=b,
         queue_size=k if cfg.queue.enabled else 0, embed_dim=cfg.model.embed_dim, precision=profile.precision,
         accum_steps=cfg.optim.accum_steps, phase=phase, parts=parts, phases=phases, peak_bytes=peak,
         margin_bytes=margin_bytes, required_bytes=required, fits=required <= spec.capacity_bytes,

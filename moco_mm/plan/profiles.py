@@ -16,6 +16,7 @@ from torch import nn
 
 from moco_mm.config import Config, ConfigError, ModelConfig
 from moco_mm.model.losses import learns_temperature
+from moco_mm.model.towers import tower_blocks
 from moco_mm.plan.trace import _F32, _I64, TowerProfile, _fake_mode, _profile_fake_tower
 
 
@@ -96,8 +97,19 @@ def _param_bytes(module: nn.Module, trainable_only: bool = False) -> tuple[int, 
     return n_bytes, n
 
 
+def _fsdp_units(tower: nn.Module) -> dict[str, int]:
+    """Parameter counts of the tower's FSDP units: {n_blocks, largest_block_params,
+    root_params}; the root unit holds every parameter in no block."""
+    blocks = tower_blocks(tower)
+    in_blocks = {id(p) for blk in blocks for p in blk.parameters()}
+    sizes = [sum(p.numel() for p in blk.parameters()) for blk in blocks]
+    return {"n_blocks": len(blocks), "largest_block_params": max(sizes, default=0),
+            "root_params": sum(p.numel() for p in tower.parameters() if id(p) not in in_blocks)}
+
+
 # Bump when the tracing changes what it measures: cached profiles then stop matching.
-PROFILE_VERSION = 2
+# 3: autocast's weight copies and the FSDP units are recorded.
+PROFILE_VERSION = 3
 
 _TOWERS: dict[str, TowerProfile] = {}
 
@@ -154,6 +166,8 @@ def tower_profile(kind: str, m: ModelConfig, autocast_dtype: torch.dtype | None,
         raise ConfigError(f"model.{kind}.name: cannot build {name!r} without weights for planning: {e!r}") from e
     weight_bytes, n_params = _param_bytes(tower)
     trainable_bytes, n_trainable = _param_bytes(tower, trainable_only=True)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in tower.buffers())
+    units = _fsdp_units(tower)
     if kind == "image":
         size = m.image.image_size
 
@@ -175,7 +189,8 @@ def tower_profile(kind: str, m: ModelConfig, autocast_dtype: torch.dtype | None,
         fits, method = _profile_fake_tower(tower, make_inputs, autocast_dtype, depth_extrapolation)
     profile = TowerProfile(**fits, input_bytes_per_sample=input_bytes, has_batchnorm=has_batchnorm(tower),
                            method=method, weight_bytes=weight_bytes, n_params=n_params,
-                           trainable_bytes=trainable_bytes, n_trainable=n_trainable)
+                           trainable_bytes=trainable_bytes, n_trainable=n_trainable, buffer_bytes=buffer_bytes,
+                           **units)
     _TOWERS[key] = profile
     return profile
 

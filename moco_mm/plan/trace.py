@@ -71,6 +71,7 @@ class _SavedBytes:
 
 _aten = torch.ops.aten
 _PRIM_DEVICE = torch.ops.prim.device.default
+_TO_COPY = _aten._to_copy.default  # what autocast's casts (and .to(dtype)) dispatch to
 
 
 def _plain(*ts) -> bool:
@@ -118,12 +119,17 @@ class _LiveBytes(TorchDispatchMode):
 
     `owner` (set by the caller, e.g. from module hooks) tags each new storage with who
     created it; `derived` (optional) follows storages computed only from a seed set.
+    `weight_copies` collects the storages that are dtype copies of a storage in `params`
+    (autocast's bf16 weight copies: under FSDP the weights are gathered in bf16 and
+    autocast makes none, so the planner takes them back out).
     """
 
-    def __init__(self, ignore: set[int], derived: set[int] | None = None):
+    def __init__(self, ignore: set[int], derived: set[int] | None = None, params: set[int] = frozenset()):
         super().__init__()
         self.ignore = ignore
         self.derived = derived
+        self.params = params
+        self.weight_copies: set[int] = set()
         self.refs: dict[int, tuple[StorageWeakRef, int, object]] = {}
         self.owner: object = None
         self.watching = False
@@ -138,6 +144,8 @@ class _LiveBytes(TorchDispatchMode):
         out = _fast_outputs(func, args, kwargs)
         if out is None:
             out = func(*args, **(kwargs or {}))
+        if func is _TO_COPY and _key(args[0]) in self.params:
+            self.weight_copies.add(_key(out))
         from_seed = False
         if self.derived is not None:
             ins = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
@@ -251,20 +259,28 @@ class _Trace:
     forward_live: int  # alive at the end of the forward, inside autocast (adds its weight cache)
     backward_extra: int  # peak allocated during backward above what the forward left, gradients excluded
     no_grad_peak: int  # peak of the same forward without autograd (the key tower)
+    autocast_saved: int  # of `saved`: autocast's low-precision copies of the weights
+    autocast_live: int  # of `forward_live`: the same copies (saved or only cached)
 
 
 @dataclass(frozen=True)
 class TowerProfile:
     """What one query tower (and its key copy) costs beyond its weights, per batch B.
 
-    Invariant: every field is a `Linear` in the per-GPU batch; `saved.at(B)` is what the
-    step keeps for this tower's backward.
+    Invariant: every activation field is a `Linear` in the per-GPU batch; `saved.at(B)` is
+    what the step keeps for this tower's backward. `autocast_saved <= saved` and
+    `autocast_live <= forward_live` are the parts of those that are autocast's copies of
+    the weights (batch-independent; 0 without autocast). `root_params +
+    largest_block_params * n_blocks >= n_params` (equal when the blocks are identical):
+    the FSDP units (`moco_mm.model.tower_blocks`).
     """
 
     saved: Linear
     forward_live: Linear
     backward_extra: Linear
     no_grad_peak: Linear
+    autocast_saved: Linear
+    autocast_live: Linear
     input_bytes_per_sample: int
     has_batchnorm: bool
     method: str  # "full trace" | "depth-extrapolated (...)"
@@ -272,6 +288,10 @@ class TowerProfile:
     n_params: int
     trainable_bytes: int  # fp32 bytes of the parameters that require grad
     n_trainable: int
+    buffer_bytes: int  # of weight_bytes: buffers (FSDP leaves them whole on every rank)
+    n_blocks: int  # FSDP units below the tower (0: none found)
+    largest_block_params: int  # parameters of the largest of them
+    root_params: int  # parameters in no block: the tower's own FSDP unit (embeddings, norm, head)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -279,9 +299,12 @@ class TowerProfile:
     @staticmethod
     def from_dict(d: dict) -> "TowerProfile":
         d = dict(d)
-        for name in ("saved", "forward_live", "backward_extra", "no_grad_peak"):
+        for name in _LINEAR_FIELDS:
             d[name] = Linear(**d[name])
         return TowerProfile(**d)
+
+
+_LINEAR_FIELDS = tuple(f.name for f in dataclasses.fields(_Trace))
 
 
 @dataclass
@@ -352,15 +375,17 @@ def _trace_once(tower: nn.Module, inputs: tuple, autocast_dtype: torch.dtype | N
     """Forward + backward with autograd, then a no-grad forward, of a fake tower.
 
     For each (first, second) block pair in `windows`, also returns the (saved,
-    forward_live) bytes that belong to the window from the end of `first` to the end of
-    `second`: what is saved in it (`second`'s activations and the input it keeps, even
-    when a checkpoint wrapper saves that input before `second` starts) and what is
-    created in it and kept alive unsaved (autocast's weight copies). That is exactly
-    what one more identical block adds to a run.
+    forward_live, autocast_saved, autocast_live) bytes that belong to the window from
+    the end of `first` to the end of `second`: what is saved in it (`second`'s
+    activations and the input it keeps, even when a checkpoint wrapper saves that input
+    before `second` starts) and what is created in it and kept alive unsaved (autocast's
+    weight copies), and of each, autocast's weight copies. That is exactly what one more
+    identical block adds to a run.
     """
-    ignore = {_key(t) for t in (*tower.parameters(), *tower.buffers(), *inputs)}
+    params = {_key(p) for p in tower.parameters()}
+    ignore = params | {_key(t) for t in (*tower.buffers(), *inputs)}
     trained = [p for p in tower.parameters() if p.requires_grad]
-    live = _LiveBytes(ignore)
+    live = _LiveBytes(ignore, params=params)
     saved_hook = _SavedBytes(ignore, owner=lambda: live.owner)
 
     def on_grad(p: torch.Tensor) -> None:
@@ -381,11 +406,17 @@ def _trace_once(tower: nn.Module, inputs: tuple, autocast_dtype: torch.dtype | N
                 out = tower(*inputs)
                 saved_keys = saved_hook.alive()
                 forward_live = live.live()
-                unsaved_kept = [live.live(owner=i) - live.live(owner=i, keys=saved_keys)
+                copies = live.weight_copies
+                autocast_live = live.live(keys=copies)
+                unsaved_kept = [(live.live(owner=i) - live.live(owner=i, keys=saved_keys),
+                                 live.live(owner=i, keys=copies) - live.live(owner=i, keys=copies & saved_keys))
                                 for i in range(len(windows))]
             saved = saved_hook.total()
-            per_window = [(saved_hook.total(owner=i), saved_hook.total(owner=i) + unsaved_kept[i])
-                          for i in range(len(windows))]
+            autocast_saved = saved_hook.total(keys=copies)
+            per_window = []
+            for i, (kept, kept_copies) in enumerate(unsaved_kept):
+                s, s_copies = saved_hook.total(owner=i), saved_hook.total(owner=i, keys=copies)
+                per_window.append((s, s + kept, s_copies, s_copies + kept_copies))
             live.watch()
             if out.requires_grad:
                 # Any scalar of the output gives every activation its gradient.
@@ -411,7 +442,7 @@ def _trace_once(tower: nn.Module, inputs: tuple, autocast_dtype: torch.dtype | N
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    return _Trace(saved, forward_live, backward_extra, no_grad_peak), per_window
+    return _Trace(saved, forward_live, backward_extra, no_grad_peak, autocast_saved, autocast_live), per_window
 
 
 # Traced at two batch sizes; (2, 4) rather than (1, 2) so the slope is not skewed by
@@ -425,10 +456,10 @@ def _profile_fake_tower(tower: nn.Module, make_inputs: Callable[[int], tuple],
 
     With `depth_extrapolation`, every run of L >= 3 identical blocks is cut to 2 blocks
     and what the second block adds is measured (see `_trace_once` windows): each of the
-    L - 2 blocks left out would add exactly that, so the sums (saved, forward_live) of
-    the full tower are the shallow tower's plus (L - 2) times it. The transients
-    (backward_extra, no_grad_peak) are set by one block at a time and are the shallow
-    tower's.
+    L - 2 blocks left out would add exactly that, so the sums (saved, forward_live and
+    their autocast weight copies) of the full tower are the shallow tower's plus (L - 2)
+    times it. The transients (backward_extra, no_grad_peak) are set by one block at a
+    time and are the shallow tower's.
     """
     runs = _repeated_runs(tower) if depth_extrapolation else []
     traces: dict[int, _Trace] = {}
@@ -441,14 +472,14 @@ def _profile_fake_tower(tower: nn.Module, make_inputs: Callable[[int], tuple],
             windows = [(run.blocks[0], run.blocks[1]) for run in runs]
             shallow, per_block = _trace_once(tower, inputs, autocast_dtype, windows)
         extra = [run.length - 2 for run in runs]
-        traces[b] = dataclasses.replace(
-            shallow,
-            saved=shallow.saved + sum(n * s for n, (s, _) in zip(extra, per_block)),
-            forward_live=shallow.forward_live + sum(n * f for n, (_, f) in zip(extra, per_block)),
-        )
+        # per_block[i] holds the window's share of the extrapolated fields, in this order.
+        summed = ("saved", "forward_live", "autocast_saved", "autocast_live")
+        traces[b] = dataclasses.replace(shallow, **{
+            name: getattr(shallow, name) + sum(n * window[j] for n, window in zip(extra, per_block))
+            for j, name in enumerate(summed)})
     b1, b2 = _TRACE_BATCHES
-    fits = {f.name: Linear.fit(b1, getattr(traces[b1], f.name), b2, getattr(traces[b2], f.name))
-            for f in dataclasses.fields(_Trace)}
+    fits = {name: Linear.fit(b1, getattr(traces[b1], name), b2, getattr(traces[b2], name))
+            for name in _LINEAR_FIELDS}
     if not runs:
         method = "full trace"
     else:
