@@ -2,8 +2,11 @@
 
     trainer.py     Trainer: the loop, data position, counters, logging, eval
     step.py        TrainStep: one optimizer step (accumulation, non-finite skip, EMA, enqueue)
-    cli.py         the program: parse, validate the config, join the process group, train
-    checkpoint.py  atomic step directories, COMPLETE marker, rotation, RNG capture, background writer
+    parallel.py    run.parallel: the query towers in DDP, or all four towers sharded by FSDP2
+    cli.py         the program: parse, validate the config, join the process group, train;
+                   `moco-mm consolidate`
+    checkpoint.py  atomic step directories, COMPLETE marker, rotation, RNG capture, background
+                   writer; sharded (torch.distributed.checkpoint) checkpoints, consolidate
     preempt.py     SIGTERM / SIGUSR1: every rank checkpoints the same step, exit 75
     run_log.py     metrics.jsonl, the rank-0 progress bar, wandb, TensorBoard
     plot.py        `moco-mm plot`: PNGs of runs' metrics.jsonl (matplotlib)

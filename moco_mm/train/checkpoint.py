@@ -433,6 +433,10 @@ class CheckpointManager:
                 files.update(part)
             if not main:
                 return None
+            unseen = sorted(n for n in files if not (tmp / n).is_file())
+            if unseen:  # each node wrote into a directory of its own
+                raise CheckpointError(f"rank 0 cannot see {unseen[:3]} in {tmp}: a sharded checkpoint needs "
+                                      f"run.output_dir on storage every rank shares")
             with open(tmp / STATE_FILE, "wb") as f:
                 torch.save(state, f)
                 f.flush()
