@@ -105,6 +105,12 @@ def test_the_sharded_momentum_update_equals_the_whole_one(steps):
     assert check["n"] > 50 and check["max_abs_diff"] == 0.0
 
 
+def test_whole_weights_load_into_sharded_towers_exactly(steps):
+    """checkpoint.init_weights under FSDP: another run's whole weights, sharded on load."""
+    check = json.loads((steps / "init.json").read_text())
+    assert check["n"] > 100 and check["equal"] is True
+
+
 def test_a_nan_loss_on_one_rank_skips_the_step_on_both(steps):
     assert json.loads((steps / "skip.json").read_text()) == {"finite": [False, False], "unchanged": True}
 

@@ -90,6 +90,19 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def load_whole(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors (some of `model`'s state names, e.g. a checkpoint's weights) into
+    `model`, sharded or not: under FSDP each rank keeps its shards of them. Names not in
+    `tensors` keep their values. Collective when sharded."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # A copy: torch replaces the dict's values with the distributed tensors it makes.
+        set_model_state_dict(model, dict(tensors), options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict({**model.state_dict(), **tensors})
+
+
 def split_sharded(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(FSDP shards, replicated tensors) of `params`, each in the given order."""
     from torch.distributed.tensor import DTensor

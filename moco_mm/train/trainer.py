@@ -51,7 +51,7 @@ from moco_mm.train.checkpoint import (
     restore_rng_state,
     step_dir_name,
 )
-from moco_mm.train.parallel import gathered
+from moco_mm.train.parallel import gathered, load_whole
 from moco_mm.train.preempt import EXIT_PREEMPTED, Preempted, Preemption, clear_marker, write_marker
 from moco_mm.train.run_log import MetricsLog, ProgressBar, TensorBoardLogger, WandbLogger
 from moco_mm.train.step import TrainStep
@@ -279,12 +279,7 @@ class Trainer:
             twins = {"key." + k.removeprefix("query."): v for k, v in loaded.items() if k.startswith("query.")}
             loaded.update({k: v for k, v in twins.items() if k in own})
         missing = [k for k in own if k.startswith(("query.", "key.")) and k not in loaded]
-        if self.sharded:  # whole tensors in, each rank keeps its shards of them
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            set_model_state_dict(self.model, loaded, options=StateDictOptions(full_state_dict=True, strict=False))
-        else:
-            self.model.load_state_dict({**own, **loaded})
+        load_whole(self.model, loaded)  # sharded: each rank keeps its shards of them
         if self.info.is_main:
             log.info("loaded weights from %s (%d tensors; %d not in it, kept fresh)", path, len(loaded), len(missing))
 

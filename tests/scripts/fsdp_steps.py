@@ -11,7 +11,9 @@ variant:
 - momentum.json: the sharded EMA (each rank lerps its local shards) against the same lerp
   on whole tensors: {"max_abs_diff": ..., "n": tensors compared};
 - skip.json: one step whose loss is NaN on rank 1 only: {"finite": [rank0, rank1],
-  "unchanged": the whole model state equal before and after}.
+  "unchanged": the whole model state equal before and after};
+- init.json: the DDP run's whole tower weights loaded into it (checkpoint.init_weights'
+  `load_whole`): {"n": tensors, "equal": all gathered back exactly}.
 
 Each mode's log also has "state_bytes": rank 0's bytes of weights and AdamW states.
 """
@@ -27,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from moco_mm import distributed as D
 from moco_mm.config import Config, ImageTowerConfig, ModelConfig, QueueConfig, TextTowerConfig
 from moco_mm.model import DualQueueMoCo
+from moco_mm.train.parallel import load_whole
 from moco_mm.train.step import TrainStep
 from tests.tiny import VOCAB, tiny_batch
 
@@ -124,18 +127,30 @@ def skip_check(model: DualQueueMoCo, stepper: TrainStep) -> dict:
     return {"finite": D.gather_objects(r.finite), "unchanged": unchanged}
 
 
+def init_check(model: DualQueueMoCo, whole: dict[str, torch.Tensor]) -> dict:
+    """checkpoint.init_weights' load (`load_whole`) of another run's whole tower weights
+    into the sharded model: afterwards its towers, gathered, are exactly those weights."""
+    # 2w + 1: values no run of this script holds, so nothing passes by coincidence.
+    towers = {k: v * 2 + 1 if v.is_floating_point() else v for k, v in whole.items()
+              if k.startswith(("query.", "key."))}
+    load_whole(model, towers)
+    after = whole_state(model)
+    return {"n": len(towers), "equal": all(torch.equal(after[k], v) for k, v in towers.items())}
+
+
 for spec in args.variants.split(","):
     variant, n = spec.split(":")
-    logs = {}
+    logs, states = {}, {}
     for parallel in ("ddp", "fsdp"):
         model, stepper, logs[parallel] = run(variant, parallel, int(n))
-        state = whole_state(model)
+        states[parallel] = whole_state(model)
         if info.is_main:
-            save_file(state, out_dir / f"{variant}_{parallel}.safetensors")
+            save_file(states[parallel], out_dir / f"{variant}_{parallel}.safetensors")
     if info.is_main:
         (out_dir / f"{variant}.json").write_text(json.dumps(logs))
 checks = {"momentum": momentum_check(model)} if model.key is not None else {}
 checks["skip"] = skip_check(model, stepper)
+checks["init"] = init_check(model, states["ddp"])
 if info.is_main:
     for name, value in checks.items():
         (out_dir / f"{name}.json").write_text(json.dumps(value))
