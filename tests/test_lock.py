@@ -69,3 +69,22 @@ def test_the_environment_is_the_lock():
 def test_pip_check_passes():
     out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_failed_install_stops_the_setup_and_is_not_marked_done(tmp_path):
+    """launch/_venv.sh under launch/test.sh (no `set -e`): when pip fails (here: a venv
+    without pip; a full disk or a registry down alike), the setup returns non-zero before
+    pytest and leaves no install stamp, so the next run installs again instead of testing
+    a broken venv."""
+    import os
+
+    for name in ("requirements.lock", "pyproject.toml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    env = dict(os.environ, VENV=str(tmp_path / "venv"))
+    env.pop("VIRTUAL_ENV", None)
+    script = f"set -uo pipefail; source {ROOT / 'launch' / '_venv.sh'} || exit 7; echo reached pytest"
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 7 and "reached pytest" not in res.stdout, res.stdout + res.stderr
+    assert "not marked installed" in res.stderr
+    assert not (tmp_path / "venv" / ".moco_mm-installed").exists()
