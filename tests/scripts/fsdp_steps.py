@@ -36,7 +36,7 @@ from tests.tiny import VOCAB, tiny_batch
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
 p.add_argument("--batch", type=int, default=6)  # per rank
-p.add_argument("--variants", default="clip:3,accum_bn:3,bf16:2,demo:10")
+p.add_argument("--variants", default="clip:3,accum_bn:2,bf16:2,demo:10")
 args = p.parse_args()
 out_dir = Path(args.out)
 out_dir.mkdir(parents=True, exist_ok=True)
