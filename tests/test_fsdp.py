@@ -121,9 +121,9 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_both(steps):
 
 def fsdp_config(demo: Path, run_dir: Path) -> dict:
     # eval: 48 samples in batches of 16 give the ranks 2 and 1 batches (the gathered eval).
-    return tiny_train_config(demo, run_dir, run={"parallel": "fsdp", "steps": 10, "log_every": 1},
-                             queue={"size": 20_000}, checkpoint={"every": 4, "keep": 2},
-                             data={"workers": 0}, eval={"every": 10, "max_samples": 48})
+    return tiny_train_config(demo, run_dir, run={"parallel": "fsdp", "steps": 6, "log_every": 1},
+                             queue={"size": 20_000}, checkpoint={"every": 2, "keep": 2},
+                             data={"workers": 0}, eval={"every": 6, "max_samples": 48})
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -132,12 +132,12 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_sharded_checkpoints_resume_exactly_after_a_kill_mid_write_and_a_damaged_newest(demo, tmp_path):
-    """A straight FSDP run, and the same run SIGKILLed while its ranks write the step-8
-    checkpoint, given a damaged copy of a step-8 checkpoint (a shard's bytes flipped, size
-    kept) and run again: it warns, falls back to step 4, and ends bit-identical."""
+    """A straight FSDP run, and the same run SIGKILLed while its ranks write the step-4
+    checkpoint, given a damaged copy of a step-4 checkpoint (a shard's bytes flipped, size
+    kept) and run again: it warns, falls back to step 2, and ends bit-identical."""
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     run(train_cmd(write_config(fsdp_config(demo, ref_dir), tmp_path / "ref.yaml"), nproc=2))
-    ref_ckpt = ref_dir / "checkpoints" / "step_00000010"
+    ref_ckpt = ref_dir / "checkpoints" / "step_00000006"
     marker = json.loads((ref_ckpt / "COMPLETE").read_text())
     assert marker["layout"] == "sharded" and marker["world_size"] == 2
     assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "train_state.pt"} == set(marker["files"])
@@ -146,13 +146,13 @@ def test_sharded_checkpoints_resume_exactly_after_a_kill_mid_write_and_a_damaged
     cfg = write_config(fsdp_config(demo, cut_dir), tmp_path / "cut.yaml")
     ckpts = cut_dir / "checkpoints"
 
-    def writing_step_8():
-        return ckpts.exists() and any(p.name.startswith(".tmp-step_00000008") for p in ckpts.iterdir())
+    def writing_step_4():
+        return ckpts.exists() and any(p.name.startswith(".tmp-step_00000004") for p in ckpts.iterdir())
 
-    run_and_kill(train_cmd(cfg, nproc=2), writing_step_8)
-    assert [p.name for p in CheckpointManager(ckpts).complete_checkpoints()] == ["step_00000004"]
-    damaged = ckpts / "step_00000008"
-    shutil.copytree(ref_dir / "checkpoints" / "step_00000008", damaged)
+    run_and_kill(train_cmd(cfg, nproc=2), writing_step_4)
+    assert [p.name for p in CheckpointManager(ckpts).complete_checkpoints()] == ["step_00000002"]
+    damaged = ckpts / "step_00000004"
+    shutil.copytree(ref_dir / "checkpoints" / "step_00000004", damaged)
     shard = damaged / "dcp" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -160,14 +160,14 @@ def test_sharded_checkpoints_resume_exactly_after_a_kill_mid_write_and_a_damaged
 
     res = run(train_cmd(cfg, nproc=2))
     assert "skipping checkpoint" in res.stderr and "__1_0.distcp does not match its sha256" in res.stderr
-    assert f"resumed from {ckpts / 'step_00000004'} at step 4" in res.stderr
-    got, _ = CheckpointManager.load(ckpts / "step_00000010")
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in res.stderr
+    got, _ = CheckpointManager.load(ckpts / "step_00000006")
     want, _ = CheckpointManager.load(ref_ckpt)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert losses(cut_dir) == losses(ref_dir)
 
     # Whole tensors out of the shards: consolidate, export, and no DDP resume from them.
-    whole = consolidate(ref_ckpt, tmp_path / "whole" / "step_00000010")
+    whole = consolidate(ref_ckpt, tmp_path / "whole" / "step_00000006")
     assert CheckpointManager.layout_of(whole) == "full"
     tensors = load_file(whole / "model.safetensors")
     assert tensors.keys() == want.keys() and all(torch.equal(tensors[k], want[k]) for k in want)
