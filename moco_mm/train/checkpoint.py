@@ -550,7 +550,7 @@ class CheckpointManager:
         try:
             marker = _read_marker(path)
             if marker.get("layout", "full") != "sharded":
-                raise CheckpointError(f"{path} is not a sharded checkpoint (it has {MODEL_FILE})")
+                raise CheckpointError(f"{path} was written by a whole-model (run.parallel=ddp) run")
             names = sorted(marker["files"])
             _check_files(path, {n: marker["files"][n] for n in names[D.rank()::D.world_size()]}, verify)
             state = _load_state(path)

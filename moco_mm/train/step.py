@@ -202,7 +202,7 @@ class TrainStep:
                                                               0.0)
         outs = []
         batches = iter(micro_batches)
-        n_bad = torch.zeros((), device=self.device)  # this rank's non-finite losses (FSDP)
+        n_bad = torch.zeros((), device=self.device) if self.sharded else None  # this rank's non-finite losses
         for i in range(accum):
             inputs = next(batches)
             # No gradient all-reduce until the last micro-batch.

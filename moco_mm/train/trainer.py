@@ -211,9 +211,7 @@ class Trainer:
                 path, state = found
             else:
                 path = Path(c.resume)
-                if CheckpointManager.layout_of(path) != "sharded":
-                    raise CheckpointError(f"{path} was written by a whole-model (run.parallel=ddp) run")
-                state = self.ckpt.load_sharded(path, loaded, check=check)
+                state = self.ckpt.load_sharded(path, loaded, check=check)  # refuses a whole-model one
         except CheckpointError as e:
             raise SystemExit(f"checkpoint.resume: {e}; resume it with the run.parallel it was written with, "
                              f"or start from its weights: checkpoint.init_weights=<step dir> "
